@@ -1,0 +1,156 @@
+"""The plan: how many steps a recipe takes and which files it writes, before it runs.
+
+kohya users were surprised by reg images: sd-scripts doubles an epoch when reg images
+are present, and a GUI that computed the step count without that doubling wrote a
+checkpoint only every second "epoch". Here one epoch is one pass over the training
+images (with repeats) plus their balanced reg partners, and `plan` prints the exact
+steps per epoch and every file name, next to the original project's
+`images * repeats * epochs / batch` figure.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from rich.console import Console
+from rich.table import Table
+
+from meebs.buckets import bucket_for, make_buckets
+from meebs.dataset import DatasetScan, ImageItem, count_batches, epoch_samples
+from meebs.recipe import Recipe
+
+
+@dataclass(frozen=True)
+class Plan:
+    train_samples: int  # training images x repeats, per epoch
+    reg_samples: int  # balanced reg samples per epoch (about train_samples, as sd-scripts)
+    batches_per_epoch: int
+    steps_per_epoch: int  # optimizer steps (after gradient accumulation)
+    epochs: int
+    warmup_steps: int
+    original_formula_steps: float  # images * repeats * epochs / batch
+    kohya_gui_steps: int  # what kohya_ss computed for max_train_steps
+    files: tuple[tuple[int, str], ...]  # (epoch, file name) in the order written
+    bucket_counts: tuple[tuple[tuple[int, int], int], ...]
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.epochs
+
+
+def bucket_assigner(recipe: Recipe) -> Callable[[ImageItem], tuple[int, int]]:
+    """The function that puts an image into its training resolution (bucket)."""
+    data = recipe.data
+    resolution = (data.resolution[0], data.resolution[1])
+    buckets = (
+        make_buckets(resolution, data.min_bucket_reso, data.max_bucket_reso, data.bucket_reso_steps)
+        if data.enable_bucket
+        else [resolution]
+    )
+
+    def assign(item: ImageItem) -> tuple[int, int]:
+        return bucket_for(
+            item.size, enable_bucket=data.enable_bucket, resolution=resolution, buckets=buckets
+        )
+
+    return assign
+
+
+def epoch_file_names(name: str, epochs: int, save_every: int) -> list[tuple[int, str]]:
+    """kohya's naming: `{name}-{epoch:06d}` for intermediate saves, `{name}` for the last."""
+    files = [
+        (epoch, f"{name}-{epoch:06d}.safetensors")
+        for epoch in range(1, epochs)
+        if epoch % save_every == 0
+    ]
+    files.append((epochs, f"{name}.safetensors"))
+    return files
+
+
+def make_plan(recipe: Recipe, scan: DatasetScan) -> Plan:
+    train = recipe.train
+    samples = epoch_samples(scan)
+    assign = bucket_assigner(recipe)
+    batches = count_batches(samples, assign, train.batch_size)
+    steps_per_epoch = math.ceil(batches / train.gradient_accumulation_steps)
+    total = steps_per_epoch * train.epochs
+    n_train = scan.train_samples_per_epoch
+    reg_factor = 2 if scan.reg else 1
+    counts: dict[tuple[int, int], int] = {}
+    for item in samples:
+        bucket = assign(item)
+        counts[bucket] = counts.get(bucket, 0) + 1
+    return Plan(
+        train_samples=n_train,
+        reg_samples=len(samples) - n_train,
+        batches_per_epoch=batches,
+        steps_per_epoch=steps_per_epoch,
+        epochs=train.epochs,
+        warmup_steps=int(train.lr_warmup * total),
+        original_formula_steps=n_train * train.epochs / train.batch_size,
+        kohya_gui_steps=math.ceil(
+            n_train
+            / train.batch_size
+            / train.gradient_accumulation_steps
+            * train.epochs
+            * reg_factor
+        ),
+        files=tuple(
+            epoch_file_names(recipe.output.name, train.epochs, recipe.output.save_every_n_epochs)
+        ),
+        bucket_counts=tuple(sorted(counts.items())),
+    )
+
+
+def print_plan(recipe: Recipe, scan: DatasetScan, plan: Plan, console: Console) -> None:
+    """The tables `plan` and `train` show before anything heavy happens."""
+    folders = Table(title="Data", title_justify="left")
+    for column in ("folder", "kind", "images", "repeats", "samples / epoch"):
+        folders.add_column(column, justify="left" if column in ("folder", "kind") else "right")
+    for subset in (*scan.train, *scan.reg):
+        kind = "reg" if subset.is_reg else "train"
+        n = len(subset.images)
+        folders.add_row(
+            str(subset.folder), kind, str(n), str(subset.repeats), str(n * subset.repeats)
+        )
+    if scan.reg:
+        folders.add_row(
+            "reg balanced to the training count", "reg", "", "", str(plan.reg_samples), style="dim"
+        )
+    console.print(folders)
+
+    steps = Table(title="Steps", title_justify="left", show_header=False)
+    steps.add_column("what")
+    steps.add_column("value", justify="right")
+    train = recipe.train
+    accum = f" / grad accumulation {train.gradient_accumulation_steps}"
+    steps.add_row("samples per epoch (train + reg)", str(plan.train_samples + plan.reg_samples))
+    steps.add_row("buckets (resolution: samples)", _buckets_text(plan))
+    steps.add_row(f"batches per epoch (batch {train.batch_size})", str(plan.batches_per_epoch))
+    steps.add_row(f"steps per epoch{accum}", str(plan.steps_per_epoch))
+    steps.add_row("epochs", str(plan.epochs))
+    steps.add_row("total steps", f"[bold]{plan.total_steps}[/bold]")
+    steps.add_row("warmup steps", str(plan.warmup_steps))
+    steps.add_row(
+        "original formula: images x repeats x epochs / batch", f"{plan.original_formula_steps:g}"
+    )
+    steps.add_row("kohya_ss GUI max_train_steps", str(plan.kohya_gui_steps))
+    console.print(steps)
+
+    files = Table(title="Files written into the run folder", title_justify="left")
+    files.add_column("after epoch", justify="right")
+    files.add_column("file")
+    for epoch, name in plan.files:
+        files.add_row(str(epoch), name)
+    console.print(files)
+    keep = recipe.output.keep_last_n_epochs
+    if keep is not None:
+        console.print(f"Only the last {keep} epoch file(s) are kept; older ones are removed.")
+    for warning in scan.warnings:
+        console.print(f"[yellow]warning:[/yellow] {warning}")
+
+
+def _buckets_text(plan: Plan) -> str:
+    return ", ".join(f"{w}x{h}: {n}" for (w, h), n in plan.bucket_counts)

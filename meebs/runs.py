@@ -1,0 +1,54 @@
+"""Run folders: one per run, never reused, and the records written into them.
+
+`outputs/{name}/{run id}/` where the run id is the UTC start time plus a short hash of
+the resolved recipe, so a folder name says when and what. A run never writes into a
+folder that exists: two runs started in the same second get `-2`, `-3`, ...
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from meebs.errors import MeebsError
+from meebs.recipe import Recipe
+
+
+def new_run_dir(recipe: Recipe, now: float | None = None) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(time.time() if now is None else now))
+    parent = Path(recipe.output.dir) / recipe.output.name
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MeebsError(f"cannot create {parent}: {exc.strerror}; check output.dir") from None
+    base = f"{stamp}-{recipe.sha256()[:8]}"
+    for attempt in range(1, 100):
+        run_dir = parent / (base if attempt == 1 else f"{base}-{attempt}")
+        try:
+            run_dir.mkdir()
+        except FileExistsError:
+            continue
+        return run_dir
+    raise MeebsError(f"{parent}: too many runs named {base}; wait a second and retry")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temp file in the same folder, then rename: never a half-written file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,468 @@
+"""The training loop: a recipe in, LyCORIS network files out.
+
+Read it top to bottom: `train()` scans the data, loads the base model, wraps it in a
+LyCORIS network, caches what can be cached, then runs epochs of steps, saving files and
+samples as the plan says. Every random choice comes from generators seeded by the
+recipe, so the same recipe on the same machine gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from torch.utils.tensorboard import SummaryWriter
+
+from meebs import latents as latent_io
+from meebs import text_encoding
+from meebs.dataset import (
+    DatasetScan,
+    ImageItem,
+    background_for,
+    epoch_samples,
+    plan_batches,
+    process_caption,
+    scan_dataset,
+)
+from meebs.metadata import RunFacts, build_metadata, network_spec
+from meebs.models import BaseModel, load_base_model
+from meebs.network import build_network, load_network_weights, save_network
+from meebs.optim import build_lr_scheduler, build_optimizer, param_groups
+from meebs.perf import PerfMeter
+from meebs.plan import Plan, bucket_assigner, make_plan, print_plan
+from meebs.recipe import Recipe
+from meebs.runs import new_run_dir, write_json_atomic, write_text_atomic
+from meebs.sampling import generate_samples, recipe_prompts, sample_file_name
+
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    files: list[Path] = field(default_factory=list)
+    epoch_losses: list[float] = field(default_factory=list)
+    steps: int = 0
+    interrupted: bool = False
+    perf: dict[str, float] = field(default_factory=dict)
+
+
+def train(recipe: Recipe, console: Console, command: str = "") -> RunResult:
+    torch.set_num_threads(recipe.train.threads)
+    scan = read_data(recipe, console)
+    plan = make_plan(recipe, scan)
+    recipe_prompts(recipe)  # a bad prompt line stops the run now, not after epoch 1
+    print_plan(recipe, scan, plan, console)
+
+    accelerator, fallbacks = make_accelerator(recipe)
+    base = load_base_model(
+        builtin=recipe.model.builtin,
+        path=Path(recipe.model.path) if recipe.model.path else None,
+        sha256=recipe.model.sha256,
+        allow_pickle=recipe.model.allow_pickle,
+    )
+    console.print(f"base model: {base.name} sha256 {base.sha256[:12]}…")
+    attention = set_attention(base, recipe, fallbacks)
+
+    torch.manual_seed(recipe.train.seed)  # network init
+    train_unet, train_te = recipe.unet_lr > 0, recipe.text_encoder_lr > 0
+    network = build_network(
+        base.unet,
+        base.text_encoder,
+        network_spec(recipe),
+        train_unet=train_unet,
+        train_text_encoder=train_te,
+    )
+    if recipe.network.weights:
+        load_network_weights(network, Path(recipe.network.weights))
+    optimizer, optimizer_name, notes = build_optimizer(param_groups(network, recipe), recipe)
+    fallbacks += notes
+    lr_scheduler = build_lr_scheduler(optimizer, recipe, plan.total_steps, plan.warmup_steps)
+    place_models(base, network, accelerator, recipe, train_te)
+    optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
+    for message in fallbacks:
+        console.print(f"[yellow]fallback:[/yellow] {message}")
+
+    facts = RunFacts(
+        base_name=base.name,
+        base_sha256=base.sha256,
+        base_legacy_hash=base.legacy_hash,
+        mixed_precision=accelerator.mixed_precision,
+        optimizer=optimizer_name,
+        attention=attention,
+        fallbacks=tuple(fallbacks),
+    )
+    run_dir = new_run_dir(recipe)
+    write_text_atomic(run_dir / "recipe.yaml", recipe.to_yaml())
+    result = RunResult(run_dir=run_dir)
+    log_dir = Path(recipe.output.logging_dir) / run_dir.name if recipe.output.logging_dir else None
+    writer = SummaryWriter(log_dir=str(log_dir or run_dir / "logs"))
+    loop = Loop(recipe, scan, plan, base, network, optimizer, lr_scheduler, accelerator, facts)
+    try:
+        with stop_on_ctrl_c() as stop:
+            loop.run(result, writer, console, stop)
+    finally:
+        writer.close()
+        write_json_atomic(run_dir / "run.json", run_record(recipe, plan, facts, result, command))
+    return result
+
+
+def read_data(recipe: Recipe, console: Console) -> DatasetScan:
+    data = recipe.data
+    return scan_dataset(
+        Path(data.train_dir),
+        Path(data.reg_dir) if data.reg_dir else None,
+        data.caption_extension,
+        (data.resolution[0], data.resolution[1]),
+    )
+
+
+def make_accelerator(recipe: Recipe) -> tuple[Accelerator, list[str]]:
+    """accelerate picks the device; half precision without CUDA falls back to fp32."""
+    fallbacks = []
+    precision = recipe.train.mixed_precision
+    if not torch.cuda.is_available() and precision != "no":
+        fallbacks.append(f"mixed_precision {precision} needs a CUDA GPU; training in fp32")
+        precision = "no"
+    accelerator = Accelerator(
+        mixed_precision=precision,
+        gradient_accumulation_steps=recipe.train.gradient_accumulation_steps,
+        cpu=not torch.cuda.is_available(),
+    )
+    return accelerator, fallbacks
+
+
+def set_attention(base: BaseModel, recipe: Recipe, fallbacks: list[str]) -> str:
+    if recipe.train.attention == "xformers":
+        try:
+            base.unet.enable_xformers_memory_efficient_attention()
+            return "xformers"
+        except (ImportError, ModuleNotFoundError, NotImplementedError, ValueError) as exc:
+            fallbacks.append(f"xformers unavailable ({exc.__class__.__name__}); using SDPA")
+    return "sdpa"
+
+
+def place_models(base: BaseModel, network, accelerator: Accelerator, recipe, train_te: bool):
+    """Frozen weights in the compute dtype on the device; the network stays fp32."""
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+        accelerator.mixed_precision, torch.float32
+    )
+    device = accelerator.device
+    for part in (base.unet, base.text_encoder):
+        part.to(device)
+        if weight_dtype != torch.float32:
+            part.to(weight_dtype)
+    base.vae.to(device)
+    network.to(device)
+    network.train()
+    if recipe.train.gradient_checkpointing:
+        base.unet.enable_gradient_checkpointing()
+        if train_te:
+            base.text_encoder.gradient_checkpointing_enable()
+
+
+class Loop:
+    """State of one run's optimisation; `run()` is the loop itself."""
+
+    def __init__(self, recipe, scan, plan, base, network, optimizer, lr_scheduler, acc, facts):
+        self.recipe, self.scan, self.plan, self.base = recipe, scan, plan, base
+        self.network, self.optimizer, self.lr_scheduler = network, optimizer, lr_scheduler
+        self.accelerator, self.facts = acc, facts
+        self.prompts = recipe_prompts(recipe)
+        seed = recipe.train.seed
+        self.data_rng = random.Random(seed)  # batch order, flips, caption shuffle/dropout
+        self.noise_gen = torch.Generator().manual_seed(seed + 1)  # noise, timesteps
+        self.vae_gen = torch.Generator().manual_seed(seed + 2)  # latent sampling
+        self.assign_bucket = bucket_assigner(recipe)
+        self.backgrounds = self._backgrounds()
+        self.train_te = bool(network.text_encoder_loras) and recipe.text_encoder_lr > 0
+        self.text_cache: dict[str, torch.Tensor] = {}
+        self.latent_cache = latent_io.LatentCache(base.vae, self.vae_gen, recipe.train.batch_size)
+        self.step = 0
+        self.perf = PerfMeter(accelerator=acc)
+
+    # ---------------------------------------------------------------- the loop
+    def run(self, result: RunResult, writer: SummaryWriter, console: Console, stop) -> None:
+        recipe, plan = self.recipe, self.plan
+        samples = epoch_samples(self.scan)
+        if recipe.data.cache_latents:
+            self._cache_latents(samples, console, stop)
+        with self._progress(console) as progress:
+            task = progress.add_task("train", total=plan.total_steps, epoch=0, loss=0.0, lr=0.0)
+            for epoch in range(1, plan.epochs + 1):
+                losses = []
+                for variants, items, pixels in self._epoch_batches(samples):
+                    loss = self._micro_step(variants, items, pixels)
+                    losses.append(loss)
+                    if not self.accelerator.sync_gradients:
+                        continue
+                    self.step += 1
+                    self.perf.step_done()
+                    self._log_step(writer, losses)
+                    lr = self.lr_scheduler.get_last_lr()[0]
+                    progress.update(task, advance=1, epoch=epoch, loss=loss, lr=lr)
+                    if stop.requested:
+                        self._save_interrupted(result, console)
+                        return
+                result.epoch_losses.append(sum(losses) / len(losses))
+                writer.add_scalar("loss/epoch", result.epoch_losses[-1], epoch)
+                self._end_of_epoch(epoch, result, writer)
+        result.steps = self.step
+        result.perf = self.perf.summary()
+        console.print(self.perf.line())
+        console.print(f"[green]done:[/green] {len(result.files)} file(s) in {result.run_dir}")
+
+    def _micro_step(self, variants, items: list[ImageItem], pixels) -> float:
+        """One forward/backward on one batch; the optimizer steps when accumulation is full."""
+        recipe, base = self.recipe, self.base
+        device = self.accelerator.device
+        with self.accelerator.accumulate(self.network):
+            if pixels is None:
+                latents = self.latent_cache.batch(variants)
+            else:
+                latents = latent_io.encode(base.vae, pixels, self.vae_gen)
+            latents = latents.to(device)
+            captions = [self._caption(item) for item in items]
+            hidden = self._encode_text(captions)
+            noise, timesteps = self._noise(latents)
+            noisy = base.noise_scheduler.add_noise(latents, noise, timesteps.cpu()).to(device)
+            with self.accelerator.autocast():
+                pred = base.unet(noisy, timesteps.to(device), hidden).sample
+            loss = F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
+            loss = (loss * self._loss_weights(items, timesteps).to(device)).mean()
+            self.accelerator.backward(loss)
+            if self.accelerator.sync_gradients and recipe.train.max_grad_norm > 0:
+                params = [p for g in self.optimizer.param_groups for p in g["params"]]
+                self.accelerator.clip_grad_norm_(params, recipe.train.max_grad_norm)
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach().item()
+
+    # ---------------------------------------------------------------- data
+    def _epoch_batches(self, samples: list[ImageItem]) -> Iterator[tuple]:
+        """(variants, items, pixels or None) per batch; the random choices are made here."""
+        batches = plan_batches(
+            samples, self.assign_bucket, self.recipe.train.batch_size, self.data_rng
+        )
+        flip = self.recipe.data.flip_aug
+        variant_batches = [
+            [self._variant(item, flip and self.data_rng.random() < 0.5) for item in batch]
+            for batch in batches
+        ]
+        if self.recipe.data.cache_latents:
+            for variants, items in zip(variant_batches, batches, strict=True):
+                yield variants, items, None
+            return
+        loader = latent_io.pixel_batches(variant_batches, self.recipe.data.num_workers)
+        for variants, items, pixels in zip(variant_batches, batches, loader, strict=True):
+            yield variants, items, pixels
+
+    def _variant(self, item: ImageItem, flip: bool) -> latent_io.Variant:
+        return latent_io.Variant(
+            item.path, self.assign_bucket(item), self.backgrounds[item.path], flip
+        )
+
+    def _backgrounds(self) -> dict[Path, str]:
+        """A fixed background per unique image, so `alternate` splits the set evenly."""
+        mode = self.recipe.data.background
+        return {im.path: background_for(i, mode) for i, im in enumerate(self.scan.unique_images)}
+
+    def _cache_latents(self, samples: list[ImageItem], console: Console, stop) -> None:
+        flips = (False, True) if self.recipe.data.flip_aug else (False,)
+        variants = {self._variant(item, f) for item in samples for f in flips}
+        with console.status(f"caching latents of {len(variants)} image variants"):
+            for _ in self.latent_cache.fill(variants):
+                if stop.requested:
+                    raise KeyboardInterrupt
+        console.print(f"cached latents of {len(variants)} image variants")
+
+    def _caption(self, item: ImageItem) -> str:
+        data = self.recipe.data
+        return process_caption(
+            item.caption,
+            shuffle=data.shuffle_caption,
+            keep_tokens=data.keep_tokens,
+            dropout_rate=data.caption_dropout_rate,
+            rng=self.data_rng,
+        )
+
+    def _encode_text(self, captions: list[str]) -> torch.Tensor:
+        """Hidden states; cached per caption while the text encoder is frozen."""
+        train = self.recipe.train
+        tokenizer, encoder = self.base.tokenizer, self.base.text_encoder
+        device = self.accelerator.device
+        pad_to_longest = train.no_token_padding
+        if self.train_te:
+            ids = text_encoding.tokenize(
+                tokenizer, captions, train.max_token_length, pad_to_longest
+            )
+            with self.accelerator.autocast():
+                return text_encoding.encode(encoder, ids.to(device), train.clip_skip)
+        missing = [c for c in dict.fromkeys(captions) if c not in self.text_cache]
+        if missing:
+            ids = text_encoding.tokenize(tokenizer, missing, train.max_token_length, False)
+            with torch.no_grad(), self.accelerator.autocast():
+                hidden = text_encoding.encode(encoder, ids.to(device), train.clip_skip)
+            self.text_cache.update(zip(missing, hidden, strict=True))
+        return torch.stack([self.text_cache[c] for c in captions])
+
+    def _noise(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noise and timesteps from the run's own generator (on the CPU: same on any device)."""
+        batch, channels = latents.shape[:2]
+        noise = torch.randn(latents.shape, generator=self.noise_gen)
+        offset = self.recipe.train.noise_offset
+        if offset:
+            noise = noise + offset * torch.randn((batch, channels, 1, 1), generator=self.noise_gen)
+        steps = self.base.noise_scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, steps, (batch,), generator=self.noise_gen)
+        return noise.to(latents.device, latents.dtype), timesteps
+
+    def _loss_weights(self, items: list[ImageItem], timesteps: torch.Tensor) -> torch.Tensor:
+        """Prior-loss weight for reg images, times the min-SNR weight when enabled."""
+        train = self.recipe.train
+        weights = torch.tensor([train.prior_loss_weight if item.is_reg else 1.0 for item in items])
+        if train.min_snr_gamma:
+            alphas = self.base.noise_scheduler.alphas_cumprod[timesteps]
+            snr = alphas / (1 - alphas)
+            weights = weights * torch.clamp(snr, max=train.min_snr_gamma) / snr
+        return weights
+
+    # ---------------------------------------------------------------- outputs
+    def _log_step(self, writer: SummaryWriter, losses: list[float]) -> None:
+        writer.add_scalar("loss/step", losses[-1], self.step)
+        writer.add_scalar("loss/average", sum(losses) / len(losses), self.step)
+        for group in self.optimizer.param_groups:
+            writer.add_scalar(f"lr/{group['name']}", group["lr"], self.step)
+
+    def _end_of_epoch(self, epoch: int, result: RunResult, writer: SummaryWriter) -> None:
+        names = dict(self.plan.files)
+        if epoch in names:
+            self._save(result.run_dir / names[epoch], epoch, result)
+            self._drop_old_epochs(result, epoch)
+        every = self.recipe.sample.every_n_epochs
+        if every and (epoch % every == 0 or epoch == self.plan.epochs):
+            self._samples(result.run_dir, epoch, writer)
+
+    def _save(self, path: Path, epoch: int, result: RunResult) -> None:
+        meta = build_metadata(
+            self.recipe, self.scan, self.plan, self.facts, epoch=epoch, step=self.step
+        )
+        dtype = SAVE_DTYPES[self.recipe.output.save_precision]
+        save_network(self.network, path, meta, dtype)
+        result.files.append(path)
+
+    def _drop_old_epochs(self, result: RunResult, epoch: int) -> None:
+        """keep_last_n_epochs: remove intermediate epoch files beyond the newest N."""
+        keep = self.recipe.output.keep_last_n_epochs
+        if keep is None or epoch == self.plan.epochs:
+            return
+        final = result.run_dir / dict(self.plan.files)[self.plan.epochs]
+        epoch_files = [f for f in result.files if f != final and "-step" not in f.name]
+        for old in epoch_files[:-keep]:
+            old.unlink(missing_ok=True)
+            result.files.remove(old)
+
+    def _save_interrupted(self, result: RunResult, console: Console) -> None:
+        result.interrupted = True
+        result.steps = self.step
+        name = f"{self.recipe.output.name}-step{self.step:08d}.safetensors"
+        self._save(result.run_dir / name, len(result.epoch_losses), result)
+        console.print(f"[yellow]stopped:[/yellow] saved step {self.step} to {result.files[-1]}")
+
+    def _samples(self, run_dir: Path, epoch: int, writer: SummaryWriter) -> None:
+        base = self.base
+        images = generate_samples(
+            unet=base.unet,
+            vae=base.vae,
+            text_encoder=base.text_encoder,
+            tokenizer=base.tokenizer,
+            prompts=self.prompts,
+            device=self.accelerator.device,
+            dtype=base.unet.dtype,
+            clip_skip=self.recipe.train.clip_skip,
+            max_token_length=self.recipe.train.max_token_length,
+        )
+        sample_dir = run_dir / "samples"
+        sample_dir.mkdir(exist_ok=True)
+        for index, image in enumerate(images):
+            name = sample_file_name(self.recipe.output.name, epoch, self.step, index)
+            image.save(sample_dir / name)
+            array = torch.from_numpy(np.array(image.convert("RGB")))
+            writer.add_image(f"samples/{index:02d}", array, epoch, dataformats="HWC")
+
+    @contextmanager
+    def _progress(self, console: Console):
+        columns = (
+            TextColumn("epoch {task.fields[epoch]}/" + str(self.plan.epochs)),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}"),
+            SpeedColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+        )
+        with Progress(*columns, console=console) as progress:
+            yield progress
+
+
+class SpeedColumn(ProgressColumn):
+    def render(self, task) -> str:
+        return f"{task.speed or 0:.2f} it/s"
+
+
+class StopFlag:
+    requested = False
+
+
+@contextmanager
+def stop_on_ctrl_c():
+    """First Ctrl-C: finish the current step, save it, stop. Second: stop at once."""
+    flag = StopFlag()
+
+    def handler(signum, frame):
+        if flag.requested:
+            raise KeyboardInterrupt
+        flag.requested = True
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def run_record(recipe: Recipe, plan: Plan, facts: RunFacts, result: RunResult, command: str):
+    """run.json: what ran, how far it got and how fast (times live here, not in files)."""
+    return {
+        "command": command,
+        "recipe_sha256": recipe.sha256(),
+        "base_model_sha256": facts.base_sha256,
+        "fallbacks": list(facts.fallbacks),
+        "planned_steps": plan.total_steps,
+        "steps": result.steps,
+        "interrupted": result.interrupted,
+        "epoch_losses": result.epoch_losses,
+        "files": [f.name for f in result.files],
+        "perf": result.perf,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }

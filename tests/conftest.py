@@ -1,0 +1,62 @@
+"""Shared fixtures. Only the full-size SD 1.5 parts live here: they are built once per session.
+
+torch, diffusers and transformers are imported inside the fixture, so test runs that do
+not use it do not pay for those imports.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+# REFERENCE.md section 7.
+SD15_UNET_CONFIG = {
+    "block_out_channels": (320, 640, 1280, 1280),
+    "layers_per_block": 2,
+    "attention_head_dim": 8,
+    "cross_attention_dim": 768,
+    "sample_size": 64,
+    "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+}
+SD15_TEXT_ENCODER_CONFIG = {
+    "vocab_size": 49408,
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+}
+
+
+@pytest.fixture(scope="session")
+def sd15_random_parts() -> tuple[UNet2DConditionModel, CLIPTextModel]:
+    """(UNet, text encoder) with SD 1.5's exact architecture and random weights, frozen.
+
+    The text encoder (123M parameters) gets its normal init. The UNet (860M) would take
+    3.4 GB and ~10 s to initialise on two cores, so it is built on the meta device and
+    every parameter becomes a read-only view of one shared seeded random block (120 MB,
+    well under a second). Good for names, shapes and forward passes; never write to its
+    weights, and do not rely on weight statistics.
+    """
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT_ENCODER_CONFIG))
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
+    shapes = {name: parameter.shape for name, parameter in unet.named_parameters()}
+    block = torch.empty(max(shape.numel() for shape in shapes.values()))
+    block.uniform_(-0.02, 0.02, generator=torch.Generator().manual_seed(0))
+    unet.load_state_dict(
+        {name: block[: shape.numel()].view(shape) for name, shape in shapes.items()}, assign=True
+    )
+    return unet.eval().requires_grad_(False), text_encoder.eval().requires_grad_(False)

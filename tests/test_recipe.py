@@ -1,0 +1,132 @@
+"""Recipe loading: every class of error stops with one line naming file, key and fix."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from meebs.errors import RecipeError
+from meebs.recipe import Recipe, documented_keys, load_recipe
+
+REPO = Path(__file__).resolve().parent.parent
+MINIMAL = """\
+model: {builtin: tiny}
+data: {train_dir: data/demo/train, resolution: 64}
+output: {name: demo}
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "r.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def error_of(path: Path, overrides=()) -> str:
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path, overrides)
+    message = str(info.value)
+    assert "\n" not in message, "an error is one line"
+    return message
+
+
+def test_minimal_recipe_gets_defaults(tmp_path):
+    recipe = load_recipe(write(tmp_path, MINIMAL))
+    assert recipe.data.resolution == [64, 64]  # one number means a square
+    assert recipe.network.algo == "loha" and recipe.network.dim == 4
+    assert recipe.unet_lr == recipe.train.learning_rate == 1e-4
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ("train: {epoch: 3}", "r.yaml: train.epoch: unknown key; did you mean train.epochs?"),
+        ("trian: {epochs: 3}", "r.yaml: trian: unknown key; did you mean train?"),
+        ("train: {epochs: three}", "r.yaml: train.epochs: expected an integer, got 'three'"),
+        ("train: {epochs: 2.5}", "r.yaml: train.epochs: expected an integer, got 2.5"),
+        ("train: {epochs: 0}", "r.yaml: train.epochs: 0 is out of range: must be >= 1"),
+        ("train: {epochs: true}", "r.yaml: train.epochs: expected an integer, got True"),
+        (
+            "data: {caption_dropout_rate: 1.5}",
+            "data.caption_dropout_rate: 1.5 is out of range: must be between 0.0 and 1.0",
+        ),
+        ("network: {algo: lokr}", "network.algo: expected one of 'loha', 'locon', 'lora'"),
+        ("train: {max_token_length: 100}", "expected one of 75, 150, 225, got 100"),
+        (
+            "train: {lr_scheduler: constant, lr_warmup: 0.1}",
+            "train.lr_warmup: the constant scheduler has no warmup",
+        ),
+        ("train: {unet_lr: 0, text_encoder_lr: 0}", "nothing would be trained"),
+        ("network: {conv_dim: 0, use_tucker: true}", "network.use_tucker"),
+        ("sample: {every_n_epochs: 1}", "set sample.prompts or sample.prompt_file"),
+        ("model: {path: x.safetensors}", "set exactly one of model.builtin"),
+        ("model: {sha256: abc}", "model.sha256: expected 64 lowercase hex digits"),
+        ("data: {resolution: [64, 60]}", "data.resolution: 60: sides must be multiples of 8"),
+        ("output: {name: 'my run'}", "output.name: required; letters, digits"),
+    ],
+)
+def test_each_error_names_file_key_and_rule(tmp_path, extra, expected):
+    base, more = yaml.safe_load(MINIMAL), yaml.safe_load(extra)
+    for section, values in more.items():
+        base.setdefault(section, {}).update(values)
+    assert expected in error_of(write(tmp_path, yaml.safe_dump(base)))
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    assert "recipe file not found" in error_of(tmp_path / "nope.yaml")
+    message = error_of(write(tmp_path, "model:\n  builtin: tiny\n bad: [\n"))
+    assert message.startswith(f"{tmp_path / 'r.yaml'}: line ")
+
+
+def test_extends_inherits_and_overrides(tmp_path):
+    write(tmp_path, MINIMAL + "train: {epochs: 5, batch_size: 2}\n", "base.yaml")
+    child = write(tmp_path, "extends: base.yaml\ntrain: {epochs: 7}\n", "child.yaml")
+    recipe = load_recipe(child)
+    assert recipe.train.epochs == 7  # overridden
+    assert recipe.train.batch_size == 2  # inherited from the same section
+    assert recipe.output.name == "demo"  # inherited section
+
+
+def test_command_line_overrides_apply_last_and_are_named(tmp_path):
+    path = write(tmp_path, MINIMAL + "train: {epochs: 5}\n")
+    recipe = load_recipe(path, ["train.epochs=3", "train.seed=7", "data.resolution=[128, 64]"])
+    assert (recipe.train.epochs, recipe.train.seed) == (3, 7)
+    assert recipe.data.resolution == [128, 64]
+    assert error_of(path, ["train.epoch=3"]).startswith("command line: train.epoch: unknown key")
+    assert error_of(path, ["train.epochs=x"]).startswith("command line: train.epochs:")
+    assert "looks like section.key=value" in error_of(path, ["epochs"])
+
+
+def test_extends_loop_is_an_error(tmp_path):
+    write(tmp_path, "extends: b.yaml\n", "a.yaml")
+    write(tmp_path, "extends: a.yaml\n", "b.yaml")
+    assert "extends loops back on itself" in error_of(tmp_path / "a.yaml")
+
+
+def test_hash_is_canonical(tmp_path):
+    a = load_recipe(write(tmp_path, MINIMAL))
+    b = load_recipe(write(tmp_path, MINIMAL.replace("resolution: 64", "resolution: [64, 64]"), "b"))
+    c = load_recipe(write(tmp_path, MINIMAL), ["train.seed=1"])
+    assert a.sha256() == b.sha256()
+    assert a.sha256() != c.sha256()
+
+
+def test_learning_rate_written_as_1e_4_is_a_number(tmp_path):
+    # YAML 1.1 reads 1e-4 (no dot) as a string; users write it that way all the time
+    recipe = load_recipe(write(tmp_path, MINIMAL + "train: {learning_rate: 1e-4}\n"))
+    assert recipe.train.learning_rate == pytest.approx(1e-4)
+
+
+def test_every_key_is_documented():
+    rows = documented_keys()
+    assert all(doc for _, _, _, doc in rows)
+    keys = {key for key, *_ in rows}
+    assert {"train.epochs", "network.conv_alpha", "sample.sampler", "model.sha256"} <= keys
+    sections = [getattr(Recipe(), f.name) for f in dataclasses.fields(Recipe)]
+    assert len(keys) == len(rows) == sum(len(dataclasses.fields(s)) for s in sections)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_are_valid(path):
+    assert isinstance(load_recipe(path), Recipe)

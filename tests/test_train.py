@@ -1,0 +1,166 @@
+"""End to end on the demo data and the tiny model: files, metadata, logs, determinism."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+from safetensors import safe_open
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from meebs import latents as latent_io
+from meebs.dataset import load_image
+from meebs.metadata import network_spec
+from meebs.models import build_tiny
+from meebs.network import build_network, load_network_weights
+from meebs.recipe import load_recipe
+from meebs.safetensors_io import file_sha256
+from meebs.train import train
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO = REPO / "recipes" / "demo.yaml"
+
+# 2 epochs of the demo data at batch 4: 30 steps per epoch, a few seconds on 2 cores.
+FAST = ["train.epochs=2", "train.batch_size=4", "sample.steps=2"]
+
+
+def run(tmp_path: Path, *overrides: str):
+    recipe = load_recipe(DEMO, [*FAST, f"output.dir={tmp_path}", *overrides])
+    return recipe, train(recipe, Console(quiet=True))
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """One training run shared by the tests that only read its outputs."""
+    return run(tmp_path_factory.mktemp("demo"))
+
+
+def test_writes_the_planned_files(demo_run):
+    recipe, result = demo_run
+    names = sorted(p.name for p in result.run_dir.glob("*.safetensors"))
+    assert names == ["meebs_demo-000001.safetensors", "meebs_demo.safetensors"]
+    assert result.run_dir.parent == Path(recipe.output.dir) / "meebs_demo"
+    assert result.steps == 60
+    assert (result.run_dir / "recipe.yaml").read_text() == recipe.to_yaml()
+    record = json.loads((result.run_dir / "run.json").read_text())
+    assert record["steps"] == 60 and record["files"] == [p.name for p in result.files]
+    assert record["perf"]["steps_per_second"] > 0
+    samples = sorted(p.name for p in (result.run_dir / "samples").glob("*.png"))
+    assert len(samples) == 4 and all("_e000001_" in s or "_e000002_" in s for s in samples)
+
+
+def test_metadata_is_kohya_style_and_has_no_clock(demo_run):
+    recipe, result = demo_run
+    with safe_open(result.files[-1], "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_network_module"] == "lycoris.kohya"
+    assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "1"
+    assert json.loads(meta["ss_network_args"])["algo"] == "loha"
+    assert meta["ss_output_name"] == "meebs_demo"
+    assert meta["ss_training_comment"] == recipe.output.comment
+    assert meta["ss_epoch"] == "2" and meta["ss_steps"] == "60"
+    assert meta["ss_num_epochs"] == "2" and meta["ss_max_train_steps"] == "60"
+    assert (
+        meta["ss_num_train_images"] == "60" and meta["ss_num_reg_images"] == "6"
+    )  # kohya: reg images x repeats
+    assert meta["ss_base_model_version"] == "sd_v1" and meta["ss_v2"] == "False"
+    assert json.loads(meta["ss_dataset_dirs"]) == {
+        "10_meeb person": {"n_repeats": 10, "img_count": 6}
+    }
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert meta["meebs_recipe_sha256"] == recipe.sha256()
+    assert not {k for k in meta if k.endswith("_at") or k == "modelspec.date"}
+    raw = result.files[-1].read_bytes()
+    header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+    keys = list(header["__metadata__"])
+    assert keys == sorted(keys), "metadata keys are written in sorted order"
+
+
+def test_tensorboard_has_the_expected_tags(demo_run):
+    _, result = demo_run
+    events = EventAccumulator(str(result.run_dir / "logs"), size_guidance={"images": 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"loss/step", "loss/average", "loss/epoch", "lr/unet", "lr/text_encoder"} <= scalars
+    assert len(events.Scalars("loss/step")) == 60
+    assert len(events.Scalars("loss/epoch")) == 2
+    assert {"samples/00", "samples/01"} <= set(events.Tags()["images"])
+
+
+def fixed_loss(network_file: Path | None, recipe) -> float:
+    """Loss of the tiny model (+ network) on the demo images with fixed noise and timesteps."""
+    base = build_tiny()
+    torch.manual_seed(0)
+    network = build_network(base.unet, base.text_encoder, network_spec(recipe))
+    if network_file is not None:
+        load_network_weights(network, network_file)
+    images = sorted((REPO / "data/demo/train").glob("*/*.png"))
+    pixels = torch.stack([load_image(p, (64, 64), "white") for p in images])
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        latents = latent_io.encode(base.vae, pixels, gen)
+        ids = base.tokenizer(
+            ["meeb person"] * len(images), padding="max_length", return_tensors="pt"
+        )["input_ids"]
+        hidden = base.text_encoder(ids).last_hidden_state
+        total = 0.0
+        for _ in range(8):
+            noise = torch.randn(latents.shape, generator=gen)
+            t = torch.randint(0, 1000, (len(images),), generator=gen)
+            pred = base.unet(base.noise_scheduler.add_noise(latents, noise, t), t, hidden).sample
+            total += torch.nn.functional.mse_loss(pred, noise).item()
+    return total / 8
+
+
+def test_training_lowers_the_loss_on_the_demo_data(demo_run):
+    recipe, result = demo_run
+    before = fixed_loss(None, recipe)
+    after = fixed_loss(result.files[-1], recipe)
+    assert after < 0.8 * before, (before, after)
+
+
+def test_same_recipe_twice_gives_identical_bytes(demo_run, tmp_path):
+    _, first = demo_run
+    _, second = run(tmp_path)
+    assert [file_sha256(p) for p in first.files] == [file_sha256(p) for p in second.files]
+    assert first.run_dir != second.run_dir
+
+
+def test_different_seed_gives_different_weights(tmp_path):
+    _, other = run(tmp_path, "train.epochs=1", "train.seed=7", "sample.every_n_epochs=0")
+    _, same_seed = run(tmp_path, "train.epochs=1", "sample.every_n_epochs=0")
+    assert file_sha256(other.files[-1]) != file_sha256(same_seed.files[-1])
+
+
+def test_ctrl_c_saves_the_last_finished_step(tmp_path, monkeypatch):
+    """SIGINT during step 5: the step finishes, is saved as -step00000005, and we stop."""
+    from meebs import perf
+
+    original = perf.PerfMeter.step_done
+
+    def interrupt_at_five(self):
+        original(self)
+        if self.steps == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(perf.PerfMeter, "step_done", interrupt_at_five)
+    _, result = run(tmp_path, "sample.every_n_epochs=0")
+    assert result.interrupted and result.steps == 5
+    assert [p.name for p in result.run_dir.glob("*.safetensors")] == [
+        "meebs_demo-step00000005.safetensors"
+    ]
+    assert json.loads((result.run_dir / "run.json").read_text())["interrupted"] is True
+    assert not list(result.run_dir.glob(".*.tmp"))
+
+
+def test_keep_last_n_epochs_removes_older_epoch_files(tmp_path):
+    _, result = run(
+        tmp_path, "train.epochs=3", "output.keep_last_n_epochs=1", "sample.every_n_epochs=0"
+    )
+    names = sorted(p.name for p in result.run_dir.glob("*.safetensors"))
+    assert names == ["meebs_demo-000002.safetensors", "meebs_demo.safetensors"]
