@@ -18,6 +18,7 @@ import sys
 import warnings
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from meebs.errors import MeebsError
@@ -35,7 +36,8 @@ def _parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=text, description=text)
         sub.add_argument("recipe", help="recipe YAML, e.g. recipes/demo.yaml")
         sub.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.epochs=3")
-    commands.add_parser("keys", help="list every recipe key with its default")
+    keys = commands.add_parser("keys", help="list every recipe key with its default")
+    keys.add_argument("--markdown", action="store_true", help="as the README's table")
     return parser
 
 
@@ -46,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args, console)
     except MeebsError as exc:
-        Console(stderr=True).print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
+        Console(stderr=True, soft_wrap=True).print(
+            f"[red]error:[/red] {escape(str(exc))}", highlight=False
+        )
         return 2
     except KeyboardInterrupt:
         Console(stderr=True).print("[yellow]interrupted[/yellow]: nothing was saved")
@@ -54,8 +58,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, console: Console) -> int:
-    from meebs.recipe import documented_keys, load_recipe
+    from meebs.recipe import documented_keys, keys_markdown, load_recipe
 
+    if args.command == "keys" and args.markdown:
+        print(keys_markdown())
+        return 0
     if args.command == "keys":
         table = Table("key", "type", "default", "meaning")
         for row in documented_keys():
@@ -83,7 +90,10 @@ def _run(args: argparse.Namespace, console: Console) -> int:
 def _quiet_libraries() -> None:
     """The libraries' INFO chatter hides our own output; their warnings stay visible."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    for name in ("lycoris", "diffusers", "transformers", "accelerate", "LyCORIS"):
+    # transformers warns at import that torchvision is missing (we need none of its image
+    # processors); bitsandbytes that an optional 4-bit kernel package is missing.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    for name in ("diffusers", "accelerate"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning)

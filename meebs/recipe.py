@@ -449,3 +449,12 @@ def documented_keys() -> list[tuple[str, str, str, str]]:
                 )
             )
     return rows
+
+
+def keys_markdown() -> str:
+    """The README's table of recipe keys (a test keeps the README in step with it)."""
+    lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+    for key, kind, default, doc in documented_keys():
+        cells = (f"`{key}`", kind, f"`{default}`", doc)
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines)

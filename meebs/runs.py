@@ -8,12 +8,11 @@ folder that exists: two runs started in the same second get `-2`, `-3`, ...
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from meebs.atomic_write import write_text_atomic
 from meebs.errors import MeebsError
 from meebs.recipe import Recipe
 
@@ -34,20 +33,6 @@ def new_run_dir(recipe: Recipe, now: float | None = None) -> Path:
             continue
         return run_dir
     raise MeebsError(f"{parent}: too many runs named {base}; wait a second and retry")
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temp file in the same folder, then rename: never a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:

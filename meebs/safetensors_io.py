@@ -17,16 +17,14 @@ The hashes are the ones loaders and model sites show: `addnet_hash` is kohya's
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import safetensors.torch
 from torch import Tensor
 
+from meebs.atomic_write import write_atomic
 from meebs.errors import MeebsError
 
 _HEADER_LENGTH_BYTES = 8
@@ -57,7 +55,7 @@ def save_file_atomic(
     data = serialized[header_end:]
     if add_hashes:
         header.setdefault("__metadata__", {})["sshs_model_hash"] = _sha256_of(data)
-    _write_atomic(path, [_canonical_header(header), data])
+    write_atomic(path, [_canonical_header(header), data])
 
 
 def read_metadata(path: Path) -> dict[str, str]:
@@ -121,32 +119,3 @@ def _sha256_of_file(path: Path, *, offset: int) -> str:
         for block in iter(lambda: stream.read(_HASH_BLOCK), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _write_atomic(path: Path, chunks: list[bytes | memoryview]) -> None:
-    """Write `chunks` to a hidden temp file next to `path`, fsync, then rename it over."""
-    descriptor, temp_name = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
-    )
-    try:
-        with os.fdopen(descriptor, "wb") as stream:
-            for chunk in chunks:
-                stream.write(chunk)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp_name)
-        raise
-    _fsync_directory(path.parent)
-
-
-def _fsync_directory(folder: Path) -> None:
-    """Make the rename itself durable (POSIX); a no-op where folders cannot be opened."""
-    with contextlib.suppress(OSError):
-        descriptor = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)

@@ -34,6 +34,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from meebs import latents as latent_io
 from meebs import text_encoding
+from meebs.atomic_write import write_text_atomic
 from meebs.dataset import (
     DatasetScan,
     ImageItem,
@@ -50,7 +51,7 @@ from meebs.optim import build_lr_scheduler, build_optimizer, param_groups
 from meebs.perf import PerfMeter
 from meebs.plan import Plan, bucket_assigner, make_plan, print_plan
 from meebs.recipe import Recipe
-from meebs.runs import new_run_dir, write_json_atomic, write_text_atomic
+from meebs.runs import new_run_dir, write_json_atomic
 from meebs.sampling import generate_samples, recipe_prompts, sample_file_name
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
