@@ -2,14 +2,17 @@
 
 Each case runs in its own process so peak memory belongs to that case alone:
 - demo: the demo recipe through the real trainer (samples off);
-- sd15-128: the full-size SD 1.5 architecture (random weights) at 128 px, batch 2, the
-  1.3 network settings, through the real trainer, a few steps;
-- floor: the same model, network and optimizer in a bare loop with latents and text
-  embeddings precomputed (no data loading, no logging): what a step costs at least.
+- sd15: the full-size SD 1.5 architecture (random weights) at 128 px, batch 2, the
+  1.3 network settings, through the real trainer, a few steps (`--set
+  data.resolution=512` for the real size on a GPU);
+- demo-floor, sd15-floor: the same model, network, optimizer, device and precision in a
+  bare loop with latents and caption tokens made once (no data loading, caching,
+  logging or saving): what a step costs at least.
 The trainer's overhead is its seconds per step over the floor's, first step excluded.
 
     python -m meebs.bench                 # all cases (the SD 1.5 ones take minutes on CPU)
     python -m meebs.bench --cases demo demo-floor --steps 20
+    python -m meebs.bench --cases sd15 sd15-floor --set train.mixed_precision=bf16
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-CASES = ("demo", "demo-floor", "sd15-128", "sd15-128-floor")
+CASES = ("demo", "demo-floor", "sd15", "sd15-floor")
 
 
 def bench_data(root: Path, images: int) -> Path:
@@ -66,7 +69,8 @@ def run_trainer(recipe_path: str, overrides: list[str]) -> dict[str, float]:
 
 
 def run_floor(recipe_path: str, overrides: list[str], steps: int) -> dict[str, float]:
-    """The bare loop: same model, network, optimizer; latents and text states precomputed."""
+    """The bare loop: the trainer's model, network, optimizer, device and precision, with
+    latents and caption tokens made once; no data loading, caching, logging or saving."""
     import torch
     import torch.nn.functional as F
 
@@ -76,37 +80,48 @@ def run_floor(recipe_path: str, overrides: list[str], steps: int) -> dict[str, f
     from meebs.optim import build_optimizer, param_groups
     from meebs.perf import PerfMeter
     from meebs.recipe import load_recipe
+    from meebs.text_encoding import encode, tokenize
+    from meebs.train import make_accelerator, place_models
 
     recipe = load_recipe(recipe_path, overrides)
-    torch.set_num_threads(recipe.train.threads)
+    train = recipe.train
+    torch.set_num_threads(train.threads)
+    accelerator, _ = make_accelerator(recipe)
     base = load_base_model(builtin=recipe.model.builtin, path=None, sha256=None, allow_pickle=False)
-    torch.manual_seed(0)
+    torch.manual_seed(train.seed)
     network = build_network(base.unet, base.text_encoder, network_spec(recipe))
-    network.train()
+    place_models(base, network, accelerator, recipe, train_te=True)
     optimizer, _, _ = build_optimizer(param_groups(network, recipe), recipe)
+    optimizer = accelerator.prepare(optimizer)
+    device = accelerator.device
     width, height = recipe.data.resolution
-    batch = recipe.train.batch_size
-    latents = torch.randn(batch, 4, height // 8, width // 8)
-    hidden = torch.randn(batch, 77, base.text_encoder.config.hidden_size)
-    meter = PerfMeter()
+    batch = train.batch_size
+    latents = torch.randn(batch, 4, height // 8, width // 8, device=device)
+    ids = tokenize(base.tokenizer, ["meeb person"] * batch, 75, False).to(device)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    meter = PerfMeter(device)
     for _ in range(steps):
         noise = torch.randn_like(latents)
-        timesteps = torch.randint(0, 1000, (batch,))
+        timesteps = torch.randint(0, 1000, (batch,), device=device)
         noisy = base.noise_scheduler.add_noise(latents, noise, timesteps)
-        pred = base.unet(noisy, timesteps, hidden).sample
-        loss = F.mse_loss(pred, noise)
-        loss.backward()
+        with accelerator.autocast():
+            hidden = encode(base.text_encoder, ids, train.clip_skip)
+            pred = base.unet(noisy, timesteps, hidden).sample
+        loss = F.mse_loss(pred.float(), noise)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(params, train.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         meter.step_done()
     return meter.summary()
 
 
-def run_case(case: str, steps: int) -> dict[str, float]:
+def run_case(case: str, steps: int, extra: list[str]) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         data = bench_data(root / "data", images=2 * steps)
         recipe_path, overrides = case_overrides(case, data, root / "out")
+        overrides += extra
         if case.endswith("floor"):
             perf = run_floor(recipe_path, overrides, steps)
         else:
@@ -118,15 +133,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
     parser.add_argument("--steps", type=int, default=0, help="steps per case (default per case)")
+    parser.add_argument("--set", nargs="*", default=[], help="recipe overrides for every case")
     parser.add_argument("--one", choices=CASES, help=argparse.SUPPRESS)  # child process
     args = parser.parse_args()
     if args.one:
-        steps = args.steps or (4 if args.one.startswith("sd15") else 30)
-        print(json.dumps(run_case(args.one, steps)))
+        steps = args.steps or (6 if args.one.startswith("sd15") else 30)
+        print(json.dumps(run_case(args.one, steps, args.set)))
         return
     results = {}
     for case in args.cases:
         command = [sys.executable, "-m", "meebs.bench", "--one", case, "--steps", str(args.steps)]
+        command += ["--set", *args.set]
         started = time.perf_counter()
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         if done.returncode != 0:
@@ -140,8 +157,17 @@ def print_table(results: dict[str, dict[str, float]]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="sd-meebs bench (CPU threads per recipe)")
-    columns = ("case", "steps", "s/step", "steps/s", "first step*", "peak RSS", "vs floor")
+    table = Table(title="sd-meebs bench")
+    columns = (
+        "case",
+        "steps",
+        "s/step",
+        "steps/s",
+        "first step*",
+        "peak RSS",
+        "peak GPU",
+        "vs floor",
+    )
     for column in columns:
         table.add_column(column, justify="right" if column != "case" else "left")
     for case, perf in results.items():
@@ -156,6 +182,7 @@ def print_table(results: dict[str, dict[str, float]]) -> None:
             f"{perf['steps_per_second']:.2f}",
             f"{perf['process_to_first_step_s']:.1f} s",
             f"{perf['peak_rss_gib']:.2f} GiB",
+            f"{perf['peak_cuda_gib']:.2f} GiB" if "peak_cuda_gib" in perf else "",
             overhead,
         )
     console = Console()

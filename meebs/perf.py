@@ -21,8 +21,8 @@ def peak_rss_bytes() -> int:
 
 
 class PerfMeter:
-    def __init__(self, accelerator=None):
-        self.cuda = accelerator is not None and accelerator.device.type == "cuda"
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
         self.start = time.perf_counter()

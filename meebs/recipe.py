@@ -363,6 +363,8 @@ def _coerce(value: Any, hint: Any) -> Any:
                 return result
         return _INVALID
     if origin is Literal:
+        if value is False and "no" in args:
+            return "no"  # YAML 1.1 reads a bare `no` as false: `mixed_precision: no` means "no"
         return value if value in args and type(value) in {type(a) for a in args} else _INVALID
     if origin is list:
         if hint == list[int] and isinstance(value, int) and not isinstance(value, bool):

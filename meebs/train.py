@@ -95,10 +95,10 @@ def train(recipe: Recipe, console: Console, command: str = "") -> RunResult:
     )
     if recipe.network.weights:
         load_network_weights(network, Path(recipe.network.weights))
+    place_models(base, network, accelerator, recipe, train_te)
     optimizer, optimizer_name, notes = build_optimizer(param_groups(network, recipe), recipe)
     fallbacks += notes
     lr_scheduler = build_lr_scheduler(optimizer, recipe, plan.total_steps, plan.warmup_steps)
-    place_models(base, network, accelerator, recipe, train_te)
     optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
     for message in fallbacks:
         console.print(f"[yellow]fallback:[/yellow] {message}")
@@ -199,7 +199,7 @@ class Loop:
         self.text_cache: dict[str, torch.Tensor] = {}
         self.latent_cache = latent_io.LatentCache(base.vae, self.vae_gen, recipe.train.batch_size)
         self.step = 0
-        self.perf = PerfMeter(accelerator=acc)
+        self.perf = PerfMeter(acc.device)
 
     # ---------------------------------------------------------------- the loop
     def run(self, result: RunResult, writer: SummaryWriter, console: Console, stop) -> None:

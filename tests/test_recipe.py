@@ -130,3 +130,13 @@ def test_every_key_is_documented():
 @pytest.mark.parametrize("path", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_recipes_are_valid(path):
     assert isinstance(load_recipe(path), Recipe)
+
+
+def test_yaml_bare_no_means_the_string_no(tmp_path):
+    # `mixed_precision: no` is what kohya users write; YAML 1.1 reads it as false
+    recipe = load_recipe(write(tmp_path, MINIMAL + "train: {mixed_precision: no}\n"))
+    assert recipe.train.mixed_precision == "no"
+    assert (
+        load_recipe(write(tmp_path, MINIMAL), ["train.mixed_precision=no"]).train.mixed_precision
+        == "no"
+    )
