@@ -71,13 +71,12 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         return 0
     recipe = load_recipe(args.recipe, args.overrides)
     if args.command == "plan":
-        from meebs.plan import make_plan, print_plan
+        from meebs.plan import make_plan, print_plan, scan_data
         from meebs.sampling import recipe_prompts
-        from meebs.train import read_data
 
         console.rule(f"recipe {args.recipe} (resolved)")
         console.print(recipe.to_yaml(), markup=False, highlight=False)
-        scan = read_data(recipe, console)
+        scan = scan_data(recipe)
         recipe_prompts(recipe)  # validates sampler names and prompt flags
         print_plan(recipe, scan, make_plan(recipe, scan), console)
         return 0

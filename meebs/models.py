@@ -126,17 +126,7 @@ def build_tiny(seed: int = 0) -> BaseModel:
     """
     unet, vae, text_encoder = _seeded_parts(TINY_CONFIGS, seed)
     parts = {"unet": unet, "vae": vae, "text_encoder": text_encoder}
-    return BaseModel(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=clip_tokenizer(),
-        noise_scheduler=noise_scheduler(),
-        sha256=state_dict_sha256(parts),
-        name="tiny",
-        legacy_hash=None,
-        source="builtin:tiny",
-    )
+    return _builtin("tiny", parts, state_dict_sha256(parts))
 
 
 def build_sd15_random(seed: int = 0) -> BaseModel:
@@ -148,16 +138,19 @@ def build_sd15_random(seed: int = 0) -> BaseModel:
     torch, diffusers and transformers (see `_recipe_sha256`).
     """
     unet, vae, text_encoder = _seeded_parts(SD15_CONFIGS, seed)
+    parts = {"unet": unet, "vae": vae, "text_encoder": text_encoder}
+    return _builtin("sd15-random", parts, _recipe_sha256("sd15-random", seed, SD15_CONFIGS))
+
+
+def _builtin(name: str, parts: dict[str, torch.nn.Module], sha256: str) -> BaseModel:
     return BaseModel(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
+        **parts,
         tokenizer=clip_tokenizer(),
         noise_scheduler=noise_scheduler(),
-        sha256=_recipe_sha256("sd15-random", seed, SD15_CONFIGS),
-        name="sd15-random",
+        sha256=sha256,
+        name=name,
         legacy_hash=None,
-        source="builtin:sd15-random",
+        source=f"builtin:{name}",
     )
 
 

@@ -13,12 +13,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 from meebs.buckets import bucket_for, make_buckets
-from meebs.dataset import DatasetScan, ImageItem, count_batches, epoch_samples
+from meebs.dataset import DatasetScan, ImageItem, count_batches, epoch_samples, scan_dataset
 from meebs.recipe import Recipe
 
 
@@ -67,6 +68,17 @@ def epoch_file_names(name: str, epochs: int, save_every: int) -> list[tuple[int,
     ]
     files.append((epochs, f"{name}.safetensors"))
     return files
+
+
+def scan_data(recipe: Recipe) -> DatasetScan:
+    """Read the recipe's training and regularization folders."""
+    data = recipe.data
+    return scan_dataset(
+        Path(data.train_dir),
+        Path(data.reg_dir) if data.reg_dir else None,
+        data.caption_extension,
+        (data.resolution[0], data.resolution[1]),
+    )
 
 
 def make_plan(recipe: Recipe, scan: DatasetScan) -> Plan:

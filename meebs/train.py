@@ -36,20 +36,18 @@ from meebs import latents as latent_io
 from meebs import text_encoding
 from meebs.atomic_write import write_text_atomic
 from meebs.dataset import (
-    DatasetScan,
     ImageItem,
     background_for,
     epoch_samples,
     plan_batches,
     process_caption,
-    scan_dataset,
 )
 from meebs.metadata import RunFacts, build_metadata, network_spec
 from meebs.models import BaseModel, load_base_model
 from meebs.network import build_network, load_network_weights, save_network
 from meebs.optim import build_lr_scheduler, build_optimizer, param_groups
 from meebs.perf import PerfMeter
-from meebs.plan import Plan, bucket_assigner, make_plan, print_plan
+from meebs.plan import Plan, bucket_assigner, make_plan, print_plan, scan_data
 from meebs.recipe import Recipe
 from meebs.runs import new_run_dir, write_json_atomic
 from meebs.sampling import generate_samples, recipe_prompts, sample_file_name
@@ -69,7 +67,7 @@ class RunResult:
 
 def train(recipe: Recipe, console: Console, command: str = "") -> RunResult:
     torch.set_num_threads(recipe.train.threads)
-    scan = read_data(recipe, console)
+    scan = scan_data(recipe)
     plan = make_plan(recipe, scan)
     recipe_prompts(recipe)  # a bad prompt line stops the run now, not after epoch 1
     print_plan(recipe, scan, plan, console)
@@ -125,16 +123,6 @@ def train(recipe: Recipe, console: Console, command: str = "") -> RunResult:
         writer.close()
         write_json_atomic(run_dir / "run.json", run_record(recipe, plan, facts, result, command))
     return result
-
-
-def read_data(recipe: Recipe, console: Console) -> DatasetScan:
-    data = recipe.data
-    return scan_dataset(
-        Path(data.train_dir),
-        Path(data.reg_dir) if data.reg_dir else None,
-        data.caption_extension,
-        (data.resolution[0], data.resolution[1]),
-    )
 
 
 def make_accelerator(recipe: Recipe) -> tuple[Accelerator, list[str]]:

@@ -164,3 +164,22 @@ def test_keep_last_n_epochs_removes_older_epoch_files(tmp_path):
     )
     names = sorted(p.name for p in result.run_dir.glob("*.safetensors"))
     assert names == ["meebs_demo-000002.safetensors", "meebs_demo.safetensors"]
+
+
+def test_times_come_only_from_source_date_epoch(demo_run, monkeypatch):
+    from meebs.metadata import RunFacts, build_metadata
+    from meebs.plan import make_plan, scan_data
+
+    recipe, _ = demo_run
+    monkeypatch.chdir(REPO)
+    scan = scan_data(recipe)
+    plan = make_plan(recipe, scan)
+    facts = RunFacts("tiny", "0" * 64, None, "no", "AdamW", "sdpa", ())
+    monkeypatch.delenv("SOURCE_DATE_EPOCH", raising=False)
+    assert "ss_training_started_at" not in build_metadata(
+        recipe, scan, plan, facts, epoch=1, step=1
+    )
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1764000000")
+    meta = build_metadata(recipe, scan, plan, facts, epoch=1, step=1)
+    assert meta["ss_training_started_at"] == meta["ss_training_finished_at"] == "1764000000"
+    assert meta["modelspec.date"] == "2025-11-24"
