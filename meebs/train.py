@@ -132,11 +132,7 @@ def make_accelerator(recipe: Recipe) -> tuple[Accelerator, list[str]]:
     if not torch.cuda.is_available() and precision != "no":
         fallbacks.append(f"mixed_precision {precision} needs a CUDA GPU; training in fp32")
         precision = "no"
-    accelerator = Accelerator(
-        mixed_precision=precision,
-        gradient_accumulation_steps=recipe.train.gradient_accumulation_steps,
-        cpu=not torch.cuda.is_available(),
-    )
+    accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
     return accelerator, fallbacks
 
 
@@ -197,12 +193,18 @@ class Loop:
             self._cache_latents(samples, console, stop)
         with self._progress(console) as progress:
             task = progress.add_task("train", total=plan.total_steps, epoch=0, loss=0.0, lr=0.0)
+            accumulate = recipe.train.gradient_accumulation_steps
             for epoch in range(1, plan.epochs + 1):
                 losses = []
-                for variants, items, pixels in self._epoch_batches(samples):
-                    loss = self._micro_step(variants, items, pixels)
+                for index, batch in enumerate(self._epoch_batches(samples)):
+                    # the optimizer steps after every `accumulate` batches and after the
+                    # epoch's last one, so a short last group never leaks into the next epoch
+                    group_start = index - index % accumulate
+                    group_size = min(accumulate, plan.batches_per_epoch - group_start)
+                    ends_group = index == group_start + group_size - 1
+                    loss = self._micro_step(*batch, scale=1 / group_size, optimizer_step=ends_group)
                     losses.append(loss)
-                    if not self.accelerator.sync_gradients:
+                    if not ends_group:
                         continue
                     self.step += 1
                     self.perf.step_done()
@@ -220,28 +222,30 @@ class Loop:
         console.print(self.perf.line())
         console.print(f"[green]done:[/green] {len(result.files)} file(s) in {result.run_dir}")
 
-    def _micro_step(self, variants, items: list[ImageItem], pixels) -> float:
-        """One forward/backward on one batch; the optimizer steps when accumulation is full."""
-        recipe, base = self.recipe, self.base
-        device = self.accelerator.device
-        with self.accelerator.accumulate(self.network):
-            if pixels is None:
-                latents = self.latent_cache.batch(variants)
-            else:
-                latents = latent_io.encode(base.vae, pixels, self.vae_gen)
-            latents = latents.to(device)
-            captions = [self._caption(item) for item in items]
-            hidden = self._encode_text(captions)
-            noise, timesteps = self._noise(latents)
-            noisy = base.noise_scheduler.add_noise(latents, noise, timesteps.cpu()).to(device)
-            with self.accelerator.autocast():
-                pred = base.unet(noisy, timesteps.to(device), hidden).sample
-            loss = F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
-            loss = (loss * self._loss_weights(items, timesteps).to(device)).mean()
-            self.accelerator.backward(loss)
-            if self.accelerator.sync_gradients and recipe.train.max_grad_norm > 0:
+    def _micro_step(
+        self, variants, items: list[ImageItem], pixels, *, scale: float, optimizer_step: bool
+    ) -> float:
+        """Forward and backward on one batch (its loss scaled by `scale`, 1 / the batches
+        accumulated); with `optimizer_step`, clip, step and clear the gradients."""
+        base, device = self.base, self.accelerator.device
+        if pixels is None:
+            latents = self.latent_cache.batch(variants)
+        else:
+            latents = latent_io.encode(base.vae, pixels, self.vae_gen)
+        latents = latents.to(device)
+        hidden = self._encode_text([self._caption(item) for item in items])
+        noise, timesteps = self._noise(latents)
+        noisy = base.noise_scheduler.add_noise(latents, noise, timesteps.cpu()).to(device)
+        with self.accelerator.autocast():
+            pred = base.unet(noisy, timesteps.to(device), hidden).sample
+        loss = F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
+        loss = (loss * self._loss_weights(items, timesteps).to(device)).mean()
+        self.accelerator.backward(loss * scale)
+        if optimizer_step:
+            max_norm = self.recipe.train.max_grad_norm
+            if max_norm > 0:
                 params = [p for g in self.optimizer.param_groups for p in g["params"]]
-                self.accelerator.clip_grad_norm_(params, recipe.train.max_grad_norm)
+                self.accelerator.clip_grad_norm_(params, max_norm)
             self.optimizer.step()
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)

@@ -183,3 +183,31 @@ def test_times_come_only_from_source_date_epoch(demo_run, monkeypatch):
     meta = build_metadata(recipe, scan, plan, facts, epoch=1, step=1)
     assert meta["ss_training_started_at"] == meta["ss_training_finished_at"] == "1764000000"
     assert meta["modelspec.date"] == "2025-11-24"
+
+
+def test_gradient_accumulation_steps_match_the_plan(tmp_path):
+    """15 batches of 4, accumulated by 4: steps after batches 4, 8, 12 and 15 (the short
+    last group still steps, so nothing leaks into the next epoch)."""
+    _, result = run(
+        tmp_path,
+        "data.reg_dir=null",
+        "train.epochs=1",
+        "train.gradient_accumulation_steps=4",
+        "sample.every_n_epochs=0",
+    )
+    assert result.steps == 4
+    with safe_open(result.files[-1], "pt") as f:
+        assert f.metadata()["ss_steps"] == "4"
+        assert f.metadata()["ss_max_train_steps"] == "4"
+
+
+def test_starting_from_an_existing_network_file(demo_run, tmp_path):
+    _, first = demo_run
+    _, result = run(
+        tmp_path, f"network.weights={first.files[-1]}", "train.epochs=1", "sample.every_n_epochs=0"
+    )
+    assert result.steps == 30
+    with safe_open(result.files[-1], "pt") as f:
+        assert json.loads(f.metadata()["meebs_recipe"])["network"]["weights"] == str(
+            first.files[-1]
+        )
