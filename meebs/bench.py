@@ -8,9 +8,12 @@ Each case runs in its own process so peak memory belongs to that case alone:
 - demo-floor, sd15-floor: the same model, network, optimizer, device and precision in a
   bare loop with latents and caption tokens made once (no data loading, caching,
   logging or saving): what a step costs at least.
-The trainer's overhead is its seconds per step over the floor's, first step excluded.
+The trainer's overhead is its seconds per step over the floor's, first step excluded; each
+case runs several times (interleaved) and the median is shown, because on a small shared
+machine one process can be 20% slower than the next for no reason of its own.
 
     python -m meebs.bench                 # all cases (the SD 1.5 ones take minutes on CPU)
+    python -m meebs.bench --cases demo demo-floor --repeat 5
     python -m meebs.bench --cases demo demo-floor --steps 20
     python -m meebs.bench --cases sd15 sd15-floor --set train.mixed_precision=bf16
 """
@@ -25,6 +28,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from meebs.cli import quiet_libraries
 
 REPO = Path(__file__).resolve().parent.parent
 CASES = ("demo", "demo-floor", "sd15", "sd15-floor")
@@ -134,23 +139,39 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
     parser.add_argument("--steps", type=int, default=0, help="steps per case (default per case)")
     parser.add_argument("--set", nargs="*", default=[], help="recipe overrides for every case")
+    parser.add_argument(
+        "--repeat", type=int, default=0, help="runs per case, median kept (default: demo 3, sd15 1)"
+    )
     parser.add_argument("--one", choices=CASES, help=argparse.SUPPRESS)  # child process
     args = parser.parse_args()
     if args.one:
+        quiet_libraries()
         steps = args.steps or (6 if args.one.startswith("sd15") else 30)
         print(json.dumps(run_case(args.one, steps, args.set)))
         return
-    results = {}
-    for case in args.cases:
-        command = [sys.executable, "-m", "meebs.bench", "--one", case, "--steps", str(args.steps)]
-        command += ["--set", *args.set]
-        started = time.perf_counter()
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            sys.exit(f"bench case {case} failed:\n{done.stderr[-3000:]}")
-        results[case] = json.loads(done.stdout.strip().splitlines()[-1])
-        results[case]["wall_s"] = time.perf_counter() - started
+    runs: dict[str, list[dict[str, float]]] = {case: [] for case in args.cases}
+    rounds = args.repeat or 3
+    for round_index in range(rounds):  # interleaved, so a slow spell hits every case alike
+        for case in args.cases:
+            if round_index < (args.repeat or (1 if case.startswith("sd15") else 3)):
+                runs[case].append(run_child(case, args.steps, args.set))
+    results = {
+        case: sorted(perfs, key=lambda p: p["seconds_per_step"])[len(perfs) // 2]
+        for case, perfs in runs.items()
+    }
     print_table(results)
+
+
+def run_child(case: str, steps: int, overrides: list[str]) -> dict[str, float]:
+    command = [sys.executable, "-m", "meebs.bench", "--one", case, "--steps", str(steps)]
+    command += ["--set", *overrides]
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        sys.exit(f"bench case {case} failed:\n{done.stderr[-3000:]}")
+    perf = json.loads(done.stdout.strip().splitlines()[-1])
+    perf["wall_s"] = time.perf_counter() - started
+    return perf
 
 
 def print_table(results: dict[str, dict[str, float]]) -> None:

@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     console = Console()
-    _quiet_libraries()
+    quiet_libraries()
     try:
         return _run(args, console)
     except MeebsError as exc:
@@ -86,7 +86,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     return 130 if result.interrupted else 0
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     """The libraries' INFO chatter hides our own output; their warnings stay visible."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # transformers warns at import that torchvision is missing (we need none of its image
