@@ -212,15 +212,19 @@ class Loop:
                     lr = self.lr_scheduler.get_last_lr()[0]
                     progress.update(task, advance=1, epoch=epoch, loss=loss, lr=lr)
                     if stop.requested:
-                        self._save_interrupted(result, console)
-                        return
+                        break
+                if stop.requested:
+                    break
                 result.epoch_losses.append(sum(losses) / len(losses))
                 writer.add_scalar("loss/epoch", result.epoch_losses[-1], epoch)
                 self._end_of_epoch(epoch, result, writer)
         result.steps = self.step
         result.perf = self.perf.summary()
         console.print(self.perf.line())
-        console.print(f"[green]done:[/green] {len(result.files)} file(s) in {result.run_dir}")
+        if stop.requested:
+            self._save_interrupted(result, console)
+        else:
+            console.print(f"[green]done:[/green] {len(result.files)} file(s) in {result.run_dir}")
 
     def _micro_step(
         self, variants, items: list[ImageItem], pixels, *, scale: float, optimizer_step: bool
@@ -377,7 +381,6 @@ class Loop:
 
     def _save_interrupted(self, result: RunResult, console: Console) -> None:
         result.interrupted = True
-        result.steps = self.step
         name = f"{self.recipe.output.name}-step{self.step:08d}.safetensors"
         self._save(result.run_dir / name, len(result.epoch_losses), result)
         console.print(f"[yellow]stopped:[/yellow] saved step {self.step} to {result.files[-1]}")

@@ -154,7 +154,8 @@ def test_ctrl_c_saves_the_last_finished_step(tmp_path, monkeypatch):
     assert [p.name for p in result.run_dir.glob("*.safetensors")] == [
         "meebs_demo-step00000005.safetensors"
     ]
-    assert json.loads((result.run_dir / "run.json").read_text())["interrupted"] is True
+    record = json.loads((result.run_dir / "run.json").read_text())
+    assert record["interrupted"] is True and record["perf"]["steps"] == 5
     assert not list(result.run_dir.glob(".*.tmp"))
 
 
