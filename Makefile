@@ -1,24 +1,47 @@
 # sd-meebs: the user's verbs. `make help` lists them.
-# Local targets use a virtualenv in .venv, created on first use from requirements/.
+#
+# Docker is the default for the verbs that train or serve (train, plan, fetch-model,
+# tensorboard): they run in the CUDA image through `docker compose`. LOCAL=1 runs the
+# same verb in a local virtualenv (.venv) instead. demo, test, lint and bench always run
+# locally.
 
-PYTHON ?= python3
-VENV   := .venv
-PY     := $(VENV)/bin/python
-RECIPE ?= demo
+PYTHON  ?= python3
+VENV    := .venv
+PY      := $(VENV)/bin/python
+COMPOSE ?= docker compose
+# files written into the bind-mounted outputs/ belong to the host user (`env`: bash
+# would refuse to set its read-only UID)
+compose = env UID=$$(id -u) GID=$$(id -g) $(COMPOSE)
+RECIPE  ?= demo
+LOCAL   ?=
+ARGS    ?=
+
 recipe_file = $(if $(findstring /,$(RECIPE)),$(RECIPE),recipes/$(RECIPE).yaml)
+recipes     = $(patsubst recipes/%.yaml,%,$(wildcard recipes/*.yaml))
+check_recipe = $(if $(wildcard $(recipe_file)),,$(error unknown recipe '$(RECIPE)': no $(recipe_file); available: $(recipes)))
 
 .DEFAULT_GOAL := help
-.PHONY: help demo test test-fast lint format plan train bench venv clean-venv
+.PHONY: help demo test test-fast lint format plan train fetch-model tensorboard bench venv \
+        lock clean-venv docker-check image
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
-$(VENV)/.installed: requirements/cpu.txt requirements/dev.txt
+# .venv is installed from a hashed lock: the CPU lock with the test tools by default, the
+# CUDA lock with GPU=1 (local NVIDIA training without Docker). torch==2.13.0+cpu comes from
+# PyTorch's CPU index, not needed where pip already finds the wheel locally.
+LOCK        := $(if $(GPU),requirements/cuda.lock,requirements/dev.lock)
+TORCH_INDEX ?= $(if $(GPU)$(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl),,--extra-index-url https://download.pytorch.org/whl/cpu)
+
+$(VENV)/.installed: $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements/dev.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --require-hashes --no-deps $(TORCH_INDEX) -r $(LOCK)
 	touch $@
 
-venv: $(VENV)/.installed ## create .venv (CPU torch, test tools)
+venv: $(VENV)/.installed ## create .venv from the CPU lock (GPU=1: from the CUDA lock)
+
+lock: ## regenerate requirements/*.lock from requirements/*.in (needs network)
+	bash ci/lock.sh
 
 demo: $(VENV)/.installed ## train recipes/demo.yaml on the CPU (~1 min), print where files are
 	$(PY) entrypoint.py train recipes/demo.yaml
@@ -37,11 +60,42 @@ format: $(VENV)/.installed ## ruff fix + format
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-plan: $(VENV)/.installed ## show what RECIPE=... will do (data, steps, files)
+docker-check:
+	@command -v docker >/dev/null || { echo "docker is not installed: install Docker, or run the local path with LOCAL=1"; exit 1; }
+	@$(COMPOSE) version >/dev/null 2>&1 || { echo "the docker compose plugin is missing: install it, or run with LOCAL=1"; exit 1; }
+
+image: docker-check ## build the CUDA image
+	$(compose) build
+
+ifeq ($(LOCAL),)
+plan: docker-check ## show what RECIPE=... will do (LOCAL=1: in .venv)
+	$(check_recipe)
+	$(compose) run --rm trainer plan $(recipe_file) $(ARGS)
+
+train: docker-check ## train RECIPE=... in the CUDA image (LOCAL=1: in .venv; ARGS="train.epochs=3")
+	$(check_recipe)
+	$(compose) run --rm trainer train $(recipe_file) $(ARGS)
+
+fetch-model: docker-check ## download SD 1.5 (models.lock.yaml) into the models volume, verify it
+	$(compose) run --rm trainer fetch-model $(or $(MODEL),sd15) --dest /app/models
+
+tensorboard: docker-check ## TensorBoard on http://127.0.0.1:6006 (LOCAL=1: from .venv)
+	$(compose) up tensorboard
+else
+plan: $(VENV)/.installed
+	$(check_recipe)
 	$(PY) entrypoint.py plan $(recipe_file) $(ARGS)
 
-train: $(VENV)/.installed ## train RECIPE=... in the local .venv (ARGS="train.epochs=3")
+train: $(VENV)/.installed
+	$(check_recipe)
 	$(PY) entrypoint.py train $(recipe_file) $(ARGS)
+
+fetch-model: $(VENV)/.installed
+	$(PY) entrypoint.py fetch-model $(or $(MODEL),sd15) --dest models
+
+tensorboard: $(VENV)/.installed
+	$(PY) entrypoint.py tensorboard
+endif
 
 bench: $(VENV)/.installed ## steps/s, peak RSS, time to first step: demo, SD 1.5 128px, bare loop
 	$(PY) -m meebs.bench

@@ -38,6 +38,7 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from meebs.errors import ModelError
+from meebs.hash_cache import cached_sha256
 from meebs.tokenizer import MAX_LENGTH, clip_tokenizer
 
 CONFIGS = Path(__file__).parent / "configs"
@@ -63,7 +64,6 @@ FOLDER_WEIGHTS = {
     "vae": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
     "text_encoder": ("model.safetensors", "pytorch_model.bin"),
 }
-_CHUNK = 1 << 20
 # kohya's ss_sd_model_hash reads 64 KiB at offset 1 MiB.
 _LEGACY_OFFSET = 0x100000
 _LEGACY_LENGTH = 0x10000
@@ -95,12 +95,12 @@ class BaseModel:
 
 
 def sha256_file(path: Path) -> str:
-    """sha256 of a file, read in 1 MiB chunks so a 4 GB checkpoint never sits in memory."""
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        while chunk := stream.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """sha256 of a file, streamed in 1 MiB chunks so a 4 GB checkpoint never sits in memory.
+
+    Remembered in the hash cache (`meebs.hash_cache`): an unchanged file is read once,
+    not on every run; a changed size, mtime or inode hashes it again.
+    """
+    return cached_sha256(path)
 
 
 def kohya_model_hash(path: Path) -> str:

@@ -404,7 +404,7 @@ class Loop:
             name = sample_file_name(self.recipe.output.name, epoch, self.step, index)
             image.save(sample_dir / name)
             array = torch.from_numpy(np.array(image.convert("RGB")))
-            writer.add_image(f"samples/{index:02d}", array, epoch, dataformats="HWC")
+            writer.add_image(f"samples/{index:02d}", array, self.step, dataformats="HWC")
 
     @contextmanager
     def _progress(self, console: Console):

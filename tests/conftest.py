@@ -1,4 +1,5 @@
-"""Shared fixtures. Only the full-size SD 1.5 parts live here: they are built once per session.
+"""Shared fixtures: the full-size SD 1.5 parts, built once per session, and a private
+cache folder so tests never write the user's ~/.cache/sd-meebs.
 
 torch, diffusers and transformers are imported inside the fixture, so test runs that do
 not use it do not pay for those imports.
@@ -9,6 +10,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import pytest
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_cache_dir(tmp_path_factory):
+    """Verified-hash cache (meebs.hash_cache) in a temp folder for the whole session."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("MEEBS_CACHE_DIR", str(tmp_path_factory.mktemp("meebs-cache")))
+    yield
+    patch.undo()
+
 
 if TYPE_CHECKING:
     from diffusers import UNet2DConditionModel
