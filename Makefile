@@ -22,7 +22,7 @@ check_recipe = $(if $(wildcard $(recipe_file)),,$(error unknown recipe '$(RECIPE
 
 .DEFAULT_GOAL := help
 .PHONY: help demo test test-fast lint format plan train fetch-model tensorboard bench venv \
-        lock clean-venv docker-check image
+        lock clean clean-venv docker-check gpu-check image
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -64,6 +64,9 @@ docker-check:
 	@command -v docker >/dev/null || { echo "docker is not installed: install Docker, or run the local path with LOCAL=1"; exit 1; }
 	@$(COMPOSE) version >/dev/null 2>&1 || { echo "the docker compose plugin is missing: install it, or run with LOCAL=1"; exit 1; }
 
+gpu-check: docker-check
+	@docker info --format '{{json .Runtimes}}' 2>/dev/null | grep -q nvidia || { echo "the NVIDIA container runtime is missing (install the NVIDIA Container Toolkit), or run with LOCAL=1"; exit 1; }
+
 image: docker-check ## build the CUDA image
 	$(compose) build
 
@@ -72,7 +75,7 @@ plan: docker-check ## show what RECIPE=... will do (LOCAL=1: in .venv)
 	$(check_recipe)
 	$(compose) run --rm trainer plan $(recipe_file) $(ARGS)
 
-train: docker-check ## train RECIPE=... in the CUDA image (LOCAL=1: in .venv; ARGS="train.epochs=3")
+train: gpu-check ## train RECIPE=... in the CUDA image (LOCAL=1: in .venv; ARGS="train.epochs=3")
 	$(check_recipe)
 	$(compose) run --rm trainer train $(recipe_file) $(ARGS)
 
@@ -99,6 +102,11 @@ endif
 
 bench: $(VENV)/.installed ## steps/s, peak RSS, time to first step: demo, SD 1.5 128px, bare loop
 	$(PY) -m meebs.bench
+
+clean: ## remove caches and .venv-ci; outputs/ only with OUTPUTS=1
+	rm -rf .venv-ci .pytest_cache .ruff_cache
+	find . -name __pycache__ -not -path "./.venv/*" -prune -exec rm -rf {} +
+	$(if $(OUTPUTS),find outputs -mindepth 1 -not -name .gitkeep -delete,@echo "outputs/ kept (make clean OUTPUTS=1 deletes every run)")
 
 clean-venv: ## remove .venv
 	rm -rf $(VENV)
