@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import re
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from diffusers import (
-    AutoencoderKL,
     DDIMScheduler,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
@@ -19,12 +17,12 @@ from diffusers import (
     KDPM2DiscreteScheduler,
     PNDMScheduler,
     StableDiffusionPipeline,
-    UNet2DConditionModel,
     UniPCMultistepScheduler,
 )
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextModel
 
 from meebs.errors import RecipeError
+from meebs.models import build_tiny
 from meebs.sampling import (
     SAMPLERS,
     SamplePrompt,
@@ -36,7 +34,6 @@ from meebs.sampling import (
     sample_file_name,
 )
 from meebs.text_encoding import encode, tokenize
-from meebs.tokenizer import clip_tokenizer
 
 DEFAULTS = SamplePrompt(
     prompt="", negative="ugly", width=64, height=64, seed=1, steps=2, cfg=7.0, sampler="Euler a"
@@ -170,39 +167,8 @@ def test_sample_file_names_carry_epoch_step_and_index():
 
 @pytest.fixture(scope="module")
 def tiny_sd():
-    """The tiny SD 1.5-shaped model (random, fixed weights) with the real CLIP tokenizer."""
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        unet = UNet2DConditionModel(
-            sample_size=8,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=32,
-            attention_head_dim=8,
-        )
-        vae = AutoencoderKL(
-            block_out_channels=(8, 16, 16, 16),
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            norm_num_groups=8,
-            latent_channels=4,
-        )
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                hidden_size=32,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                intermediate_size=64,
-                vocab_size=49408,
-                max_position_embeddings=77,
-                hidden_act="quick_gelu",
-            )
-        )
-    return SimpleNamespace(
-        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer()
-    )
+    """The built-in tiny SD 1.5-shaped model (random, fixed weights), real CLIP tokenizer."""
+    return build_tiny()
 
 
 def _generate(model, prompts, clip_skip=1):

@@ -1,24 +1,15 @@
 """Captions to hidden states: chunking for long captions, clip skip, token padding."""
 
 import torch
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextModel
 
+from meebs.models import build_tiny
 from meebs.text_encoding import encode, tokenize
 from meebs.tokenizer import clip_tokenizer
 
 
 def tiny_text_encoder() -> CLIPTextModel:
-    torch.manual_seed(0)
-    config = CLIPTextConfig(
-        vocab_size=49408,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        hidden_act="quick_gelu",
-    )
-    return CLIPTextModel(config).eval()
+    return build_tiny().text_encoder
 
 
 def test_single_chunk_is_bos_tokens_eos_padding():
