@@ -179,7 +179,7 @@ def build_network(
 
 
 def count_modules(network: LycorisNetworkKohya) -> tuple[int, int]:
-    """(UNet modules, text-encoder modules) of a network, for the plan."""
+    """(UNet modules, text-encoder modules) of a network, printed when training starts."""
     return len(network.unet_loras), len(network.text_encoder_loras)
 
 

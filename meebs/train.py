@@ -43,8 +43,8 @@ from meebs.dataset import (
     process_caption,
 )
 from meebs.metadata import RunFacts, build_metadata, network_spec
-from meebs.models import BaseModel, load_base_model
-from meebs.network import build_network, load_network_weights, save_network
+from meebs.models import BaseModel, describe_base, load_base_model
+from meebs.network import build_network, count_modules, load_network_weights, save_network
 from meebs.optim import build_lr_scheduler, build_optimizer, param_groups
 from meebs.perf import PerfMeter
 from meebs.plan import Plan, bucket_assigner, make_plan, print_plan, scan_data
@@ -69,7 +69,7 @@ def train(recipe: Recipe, console: Console, command: str = "") -> RunResult:
     torch.set_num_threads(recipe.train.threads)
     scan = scan_data(recipe)
     plan = make_plan(recipe, scan)
-    recipe_prompts(recipe)  # a bad prompt line stops the run now, not after epoch 1
+    prompts = recipe_prompts(recipe)  # a bad prompt line stops the run now, not after epoch 1
     print_plan(recipe, scan, plan, console)
 
     accelerator, fallbacks = make_accelerator(recipe)
@@ -79,7 +79,7 @@ def train(recipe: Recipe, console: Console, command: str = "") -> RunResult:
         sha256=recipe.model.sha256,
         allow_pickle=recipe.model.allow_pickle,
     )
-    console.print(f"base model: {base.name} sha256 {base.sha256[:12]}…")
+    console.print(describe_base(base))
     attention = set_attention(base, recipe, fallbacks)
 
     torch.manual_seed(recipe.train.seed)  # network init
@@ -90,6 +90,10 @@ def train(recipe: Recipe, console: Console, command: str = "") -> RunResult:
         network_spec(recipe),
         train_unet=train_unet,
         train_text_encoder=train_te,
+    )
+    unet_modules, te_modules = count_modules(network)
+    console.print(
+        f"network: {recipe.network.algo}, {unet_modules} UNet + {te_modules} text-encoder modules"
     )
     if recipe.network.weights:
         load_network_weights(network, Path(recipe.network.weights))
@@ -115,7 +119,9 @@ def train(recipe: Recipe, console: Console, command: str = "") -> RunResult:
     result = RunResult(run_dir=run_dir)
     log_dir = Path(recipe.output.logging_dir) / run_dir.name if recipe.output.logging_dir else None
     writer = SummaryWriter(log_dir=str(log_dir or run_dir / "logs"))
-    loop = Loop(recipe, scan, plan, base, network, optimizer, lr_scheduler, accelerator, facts)
+    loop = Loop(
+        recipe, scan, plan, base, network, optimizer, lr_scheduler, accelerator, facts, prompts
+    )
     try:
         with stop_on_ctrl_c() as stop:
             loop.run(result, writer, console, stop)
@@ -168,11 +174,12 @@ def place_models(base: BaseModel, network, accelerator: Accelerator, recipe, tra
 class Loop:
     """State of one run's optimisation; `run()` is the loop itself."""
 
-    def __init__(self, recipe, scan, plan, base, network, optimizer, lr_scheduler, acc, facts):
+    def __init__(
+        self, recipe, scan, plan, base, network, optimizer, lr_scheduler, acc, facts, prompts
+    ):
         self.recipe, self.scan, self.plan, self.base = recipe, scan, plan, base
         self.network, self.optimizer, self.lr_scheduler = network, optimizer, lr_scheduler
-        self.accelerator, self.facts = acc, facts
-        self.prompts = recipe_prompts(recipe)
+        self.accelerator, self.facts, self.prompts = acc, facts, prompts
         seed = recipe.train.seed
         self.data_rng = random.Random(seed)  # batch order, flips, caption shuffle/dropout
         self.noise_gen = torch.Generator().manual_seed(seed + 1)  # noise, timesteps
