@@ -10,8 +10,10 @@ VENV    := .venv
 PY      := $(VENV)/bin/python
 COMPOSE ?= docker compose
 # files written into the bind-mounted outputs/ belong to the host user (`env`: bash
-# would refuse to set its read-only UID)
-compose = env UID=$$(id -u) GID=$$(id -g) $(COMPOSE)
+# would refuse to set its read-only UID). The image's id goes into each run's manifest.
+IMAGE   ?= sd-meebs:local
+compose = env UID=$$(id -u) GID=$$(id -g) \
+	MEEBS_IMAGE_DIGEST=$$(docker image inspect --format '{{.Id}}' $(IMAGE) 2>/dev/null) $(COMPOSE)
 RECIPE  ?= demo
 LOCAL   ?=
 ARGS    ?=
@@ -22,7 +24,7 @@ check_recipe = $(if $(wildcard $(recipe_file)),,$(error unknown recipe '$(RECIPE
 
 .DEFAULT_GOAL := help
 .PHONY: help demo test test-fast lint format plan train fetch-model tensorboard bench venv \
-        lock clean clean-venv docker-check gpu-check image
+        lock clean clean-venv docker-check gpu-check image reproduce record data
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -42,6 +44,9 @@ venv: $(VENV)/.installed ## create .venv from the CPU lock (GPU=1: from the CUDA
 
 lock: ## regenerate requirements/*.lock from requirements/*.in (needs network)
 	bash ci/lock.sh
+
+data: $(VENV)/.installed ## redraw data/ (img_1.0, reg, img_1.1 via prep, demo): the same bytes
+	$(PY) -m meebs.synthetic data
 
 demo: $(VENV)/.installed ## train recipes/demo.yaml on the CPU (~1 min), print where files are
 	$(PY) entrypoint.py train recipes/demo.yaml
@@ -99,6 +104,23 @@ fetch-model: $(VENV)/.installed
 tensorboard: $(VENV)/.installed
 	$(PY) entrypoint.py tensorboard
 endif
+
+# reproduce: rerun the result recorded for RECIPE in results/ (RUN=outputs/...: a local run
+# folder instead) and report bit-identical or what differs; exit 0 / 1 / 2 (could not run).
+# The demo's result is recorded from the CPU virtualenv, so the demo reproduces there, like
+# `make demo`; other recipes run where `make train` runs them.
+reproduce_args = $(if $(RUN),$(RUN),--recipe $(RECIPE))
+ifeq ($(LOCAL)$(filter demo,$(RECIPE)),)
+reproduce: gpu-check ## rerun RECIPE's recorded result (or RUN=dir) and prove it matched
+	$(compose) run --rm trainer reproduce $(reproduce_args) $(ARGS)
+else
+reproduce: $(VENV)/.installed
+	$(PY) entrypoint.py reproduce $(reproduce_args) $(ARGS)
+endif
+
+record: $(VENV)/.installed ## copy RUN=outputs/...'s manifest to results/<recipe>/ (commit it)
+	$(if $(RUN),,$(error give the finished run to record: make record RUN=outputs/<name>/<run id>))
+	$(PY) entrypoint.py record $(RUN) $(ARGS)
 
 bench: $(VENV)/.installed ## steps/s, peak RSS, time to first step: demo, SD 1.5 128px, bare loop
 	$(PY) -m meebs.bench

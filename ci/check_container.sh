@@ -81,7 +81,26 @@ for file in "${recipes[@]}"; do
     fi
 done
 
-# 4. An unknown recipe stops make with a message that lists the available recipes.
+# 4. make reproduce: the demo reruns its recorded result in .venv (where it was recorded),
+# other recipes in the container.
+want="entrypoint.py reproduce --recipe demo"
+if out=$(mk reproduce RECIPE=demo) && grep -qF -- "$want" <<<"$out" \
+    && ! grep -qF "docker compose" <<<"$out"; then
+    ok "make -n reproduce RECIPE=demo runs: $want (no docker compose)"
+else
+    fail "make -n reproduce RECIPE=demo should run '$want' and no docker compose"
+    show "$out"
+fi
+want="docker compose run --rm trainer reproduce --recipe 1.3"
+if out=$(mk reproduce RECIPE=1.3) && grep -qF -- "$want" <<<"$out" \
+    && grep -qF "MEEBS_IMAGE_DIGEST=" <<<"$out"; then
+    ok "make -n reproduce RECIPE=1.3 runs: $want (with the image digest)"
+else
+    fail "make -n reproduce RECIPE=1.3 should run '$want' with MEEBS_IMAGE_DIGEST"
+    show "$out"
+fi
+
+# 5. An unknown recipe stops make with a message that lists the available recipes.
 if out=$(mk train RECIPE=does-not-exist); then
     fail "make -n train RECIPE=does-not-exist succeeded; it must fail"
     show "$out"

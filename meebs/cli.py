@@ -2,12 +2,22 @@
 
     python entrypoint.py plan  recipes/demo.yaml [section.key=value ...]
     python entrypoint.py train recipes/demo.yaml [section.key=value ...]
+    python entrypoint.py train --resume outputs/meebs_demo/RUN   # continue where it stopped
+    python entrypoint.py reproduce outputs/meebs_demo/RUN         # rerun, prove or explain
+    python entrypoint.py reproduce --recipe demo   # against results/demo/<machine>.json
+    python entrypoint.py compare A B               # two network files or two runs
+    python entrypoint.py record outputs/meebs_demo/RUN   # into results/<recipe>/
     python entrypoint.py keys          # every recipe key, its default and meaning
     python entrypoint.py fetch-model sd15 [--dest models]   # download a pinned base model
+    python entrypoint.py import-kohya config.json > recipes/x.yaml   # kohya_ss GUI config
+    python entrypoint.py export-kohya recipes/1.3.yaml > config.json # for the kohya_ss GUI
     python entrypoint.py tensorboard   # TensorBoard on outputs/ [--host H] [--port P]
+    python entrypoint.py prep check data/img_1.0          # a dataset's problems, no changes
+    python entrypoint.py prep data/img_1.0 --to NEWDIR ... # a cleaned copy and its record
 
 A problem the user can fix (`MeebsError`) is printed on one line and exits with status
-2; Ctrl-C exits with 130. Anything else is a bug and keeps its traceback.
+2; Ctrl-C exits with 130. `reproduce` and `compare` exit 0 when bit-identical, 1 when
+they differ. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -33,13 +43,40 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     for name, text in (
         ("plan", "show data, steps and the files a recipe will write; train nothing"),
-        ("train", "train the recipe"),
+        ("train", "train the recipe, or continue an interrupted run with --resume RUN"),
     ):
         sub = commands.add_parser(name, help=text, description=text)
-        sub.add_argument("recipe", help="recipe YAML, e.g. recipes/demo.yaml")
+        sub.add_argument(
+            "recipe",
+            nargs="?" if name == "train" else None,
+            help="recipe YAML, e.g. recipes/demo.yaml",
+        )
         sub.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.epochs=3")
+    train = commands.choices["train"]
+    train.add_argument("--resume", metavar="RUN", help="run folder to continue where it stopped")
+    text = "rerun a recorded run and report bit-identical, or what differs and by how much"
+    reproduce = commands.add_parser("reproduce", help=text, description=text)
+    reproduce.add_argument("run", nargs="?", help="run folder or results file")
+    reproduce.add_argument("overrides", nargs="*", help="section.key=value for the rerun")
+    reproduce.add_argument("--recipe", help="rerun results/RECIPE/<this machine's class>.json")
+    reproduce.add_argument("--results", default="results", help="default: %(default)s")
+    text = "compare two network files or two runs (max/relative/cosine weight differences)"
+    compare = commands.add_parser("compare", help=text, description=text)
+    compare.add_argument("a", help="network file, run folder or manifest")
+    compare.add_argument("b", help="network file, run folder or manifest")
+    text = "copy a finished run's manifest to results/<recipe>/<hardware class>.json"
+    record = commands.add_parser("record", help=text, description=text)
+    record.add_argument("run", help="finished run folder")
+    record.add_argument("--results", default="results", help="default: %(default)s")
+    record.add_argument("--replace", action="store_true", help="re-record an existing result")
     keys = commands.add_parser("keys", help="list every recipe key with its default")
     keys.add_argument("--markdown", action="store_true", help="as the README's table")
+    for name, source, text in (
+        ("import-kohya", "config", "a kohya_ss GUI config JSON as recipe YAML on stdout"),
+        ("export-kohya", "recipe", "a recipe as a kohya_ss GUI config JSON on stdout"),
+    ):
+        convert = commands.add_parser(name, help=text, description=text)
+        convert.add_argument(source, help="the file to convert; unconverted keys go to stderr")
     text = "download a base model pinned in models.lock.yaml and verify its sha256"
     fetch = commands.add_parser("fetch-model", help=text, description=text)
     fetch.add_argument("name", help="model name in models.lock.yaml, e.g. sd15")
@@ -52,11 +89,25 @@ def _parser() -> argparse.ArgumentParser:
     board.add_argument("--host", default=tb.DEFAULT_HOST, help="default: %(default)s")
     board.add_argument("--port", type=int, default=tb.DEFAULT_PORT, help="default: %(default)s")
     board.add_argument("--logdir", default=tb.DEFAULT_LOGDIR, help="default: %(default)s")
+    text = "prep check DIR: report a dataset's problems; prep DIR --to NEWDIR: a cleaned copy"
+    prep = commands.add_parser("prep", help=text, description=text)
+    prep.add_argument("words", nargs="+", metavar="[check] DIR", help="dataset folder")
+    prep.add_argument("--resolution", type=int, help="check: training size (default 512)")
+    prep.add_argument("--batch-size", type=int, help="check: batch size (default 2)")
+    prep.add_argument("--to", metavar="NEWDIR", help="the new folder to write (must not exist)")
+    prep.add_argument("--flatten", choices=("alternate", "white", "black"), help="transparency")
+    prep.add_argument("--cull-colour-variants", action="store_true", help="one per drawing")
+    prep.add_argument("--drop", metavar="FILE", help="reviewed YAML drop list, a reason each")
+    prep.add_argument("--trim-to-batch", type=int, metavar="N", help="count a multiple of N")
+    prep.add_argument("--repeats", type=int, metavar="N", help="new folder repeats")
+    prep.add_argument("--class-token", choices=("keep", "none"), default="keep")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
+    args.command_line = shlex.join(["entrypoint.py", *argv])  # recorded in the manifest
     console = Console()
     quiet_libraries()
     try:
@@ -81,6 +132,12 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         return 0
     if args.command == "fetch-model":
         return _fetch_model(args, console)
+    if args.command in ("import-kohya", "export-kohya"):
+        return _kohya(args)
+    if args.command == "prep":
+        from meebs.prep_cli import run_prep
+
+        return run_prep(args, console)
     if args.command == "keys" and args.markdown:
         print(keys_markdown())
         return 0
@@ -90,6 +147,12 @@ def _run(args: argparse.Namespace, console: Console) -> int:
             table.add_row(*row)
         console.print(table)
         return 0
+    if args.command in ("reproduce", "compare", "record"):
+        return _reproduce(args, console)
+    if args.command == "train" and args.resume:
+        return _resume(args, console)
+    if args.recipe is None:
+        raise MeebsError("train: give a recipe, e.g. recipes/demo.yaml, or --resume RUN")
     recipe = load_recipe(args.recipe, args.overrides)
     if args.command == "plan":
         from meebs.plan import make_plan, print_plan, scan_data
@@ -101,10 +164,66 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         recipe_prompts(recipe)  # validates sampler names and prompt flags
         print_plan(recipe, scan, make_plan(recipe, scan), console)
         return 0
+    from meebs.manifest import RecipeOrigin
     from meebs.train import train
 
-    result = train(recipe, console, command=shlex.join(["entrypoint.py", *sys.argv[1:]]))
+    origin = RecipeOrigin(args.recipe, tuple(args.overrides))
+    result = train(recipe, console, command=args.command_line, origin=origin)
     return 130 if result.interrupted else 0
+
+
+def _resume(args: argparse.Namespace, console: Console) -> int:
+    from pathlib import Path
+
+    from meebs.recipe import load_recipe
+    from meebs.train import resume
+
+    recipe = None
+    if args.recipe is not None:
+        if "=" in args.recipe:
+            raise MeebsError("train --resume: a resumed run keeps its recipe; drop the overrides")
+        recipe = load_recipe(args.recipe, args.overrides)
+    result = resume(Path(args.resume), console, command=args.command_line, recipe=recipe)
+    return 130 if result.interrupted else 0
+
+
+def _reproduce(args: argparse.Namespace, console: Console) -> int:
+    """reproduce / compare / record; exit 0 identical, 1 differs, 2 could not run."""
+    from pathlib import Path
+
+    from meebs import reproduce
+
+    if args.command == "compare":
+        return reproduce.compare(Path(args.a), Path(args.b), console)
+    if args.command == "record":
+        reproduce.record(Path(args.run), Path(args.results), args.replace, console)
+        return 0
+    run, overrides = args.run, list(args.overrides)
+    if args.recipe:
+        if run is not None:  # argparse took the first override for RUN
+            overrides.insert(0, run)
+        path = reproduce.find_results(args.recipe, Path(args.results), console)
+    elif run is None:
+        raise MeebsError("reproduce: give a run folder or results file, or --recipe NAME")
+    else:
+        path = Path(run)
+    return reproduce.reproduce(path, overrides, console, command=args.command_line)
+
+
+def _kohya(args: argparse.Namespace) -> int:
+    """The converted file on stdout (to redirect into a file), what was not converted on stderr."""
+    from pathlib import Path
+
+    from meebs.kohya_config import export_kohya, import_kohya
+
+    if args.command == "import-kohya":
+        result = import_kohya(Path(args.config))
+    else:
+        result = export_kohya(Path(args.recipe))
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    sys.stdout.write(result.text)
+    return 0
 
 
 def _fetch_model(args: argparse.Namespace, console: Console) -> int:

@@ -34,7 +34,7 @@ BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0)}
 _SUBSET_NAME = re.compile(r"(?P<repeats>[0-9]+)_(?P<tokens>.*)", re.DOTALL)
 _NAME_HINT = "rename it like '50_meeb person' (repeats, '_', then the caption tokens)"
 # PIL reports broken files with any of these, depending on the format and the damage.
-_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
 
 @dataclass(frozen=True)
@@ -266,9 +266,9 @@ def _inspect_image(path: Path) -> tuple[tuple[int, int], bool]:
         with Image.open(path) as image:
             size, has_alpha = image.size, _has_alpha(image)
             image.load()
-    except _IMAGE_ERRORS as error:
+    except IMAGE_ERRORS as error:
         raise DataError(
-            f"cannot read image {path}: {_reason(error)}; remove or replace it"
+            f"cannot read image {path}: {image_error_reason(error)}; remove or replace it"
         ) from error
     return size, has_alpha
 
@@ -277,7 +277,7 @@ def _has_alpha(image: Image.Image) -> bool:
     return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
 
 
-def _reason(error: Exception) -> str:
+def image_error_reason(error: Exception) -> str:
     if isinstance(error, UnidentifiedImageError):
         return "not an image format Pillow recognises (corrupt or mislabelled file)"
     return " ".join(str(error).split()) or type(error).__name__
@@ -420,16 +420,16 @@ def load_image(path: Path, size: tuple[int, int], background: str) -> torch.Tens
         raise ValueError(f"background must be white or black, got {background!r}")
     try:
         with Image.open(path) as image:
-            rgb = _flatten_to_rgb(image, BACKGROUNDS[background])
-    except _IMAGE_ERRORS as error:
+            rgb = flatten_to_rgb(image, BACKGROUNDS[background])
+    except IMAGE_ERRORS as error:
         raise DataError(
-            f"cannot read image {path}: {_reason(error)}; remove or replace it"
+            f"cannot read image {path}: {image_error_reason(error)}; remove or replace it"
         ) from error
     pixels = np.array(_cover_and_crop(rgb, size), dtype=np.float32)
     return torch.from_numpy(pixels).permute(2, 0, 1).contiguous() / 127.5 - 1.0
 
 
-def _flatten_to_rgb(image: Image.Image, colour: tuple[int, int, int]) -> Image.Image:
+def flatten_to_rgb(image: Image.Image, colour: tuple[int, int, int]) -> Image.Image:
     if not _has_alpha(image):
         return image.convert("RGB")
     flat = Image.new("RGBA", image.size, (*colour, 255))

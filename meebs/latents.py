@@ -58,8 +58,14 @@ class _PixelBatches(Dataset):
 
 def pixel_batches(batches: list[list[Variant]], num_workers: int) -> Iterable[torch.Tensor]:
     """Pixel tensors for each batch, in order, read by `num_workers` worker processes."""
+    # its own generator: the loader draws a worker seed, which must not come from (and
+    # shift) the global RNG that network dropout uses
     return DataLoader(
-        _PixelBatches(batches), batch_size=None, shuffle=False, num_workers=num_workers
+        _PixelBatches(batches),
+        batch_size=None,
+        shuffle=False,
+        num_workers=num_workers,
+        generator=torch.Generator().manual_seed(0),
     )
 
 

@@ -157,6 +157,9 @@ def print_plan(recipe: Recipe, scan: DatasetScan, plan: Plan, console: Console) 
     for epoch, name in plan.files:
         files.add_row(str(epoch), name)
     console.print(files)
+    from meebs.size_estimate import estimate_network_file  # it imports this module
+
+    console.print(f"Each network file: {estimate_network_file(recipe, scan, plan).describe()}")
     keep = recipe.output.keep_last_n_epochs
     if keep is not None:
         console.print(f"Only the last {keep} epoch file(s) are kept; older ones are removed.")

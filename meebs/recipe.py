@@ -12,6 +12,7 @@ it was asked to do.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import hashlib
@@ -140,6 +141,9 @@ class TrainSection:
     attention: Literal["sdpa", "xformers"] = knob("sdpa", "attention backend")
     gradient_checkpointing: bool = knob(False, "trade compute for memory")
     threads: int = knob(2, "CPU threads (part of the result: it changes the bits)", lo=1)
+    deterministic: bool = knob(
+        True, "deterministic kernels, TF32 off (off: faster on GPU, bits may differ)"
+    )
 
 
 @dataclass(frozen=True)
@@ -202,8 +206,36 @@ class Recipe:
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read a recipe file (following `extends:`), apply `key=value` overrides, validate."""
     raw = _read_with_extends(Path(path), chain=())
+    return recipe_from_dict(raw, where=str(path), overrides=overrides)
+
+
+def recipe_from_dict(
+    raw: dict[str, Any], *, where: str, overrides: list[str] | tuple[str, ...] = ()
+) -> Recipe:
+    """Validate an already-read recipe mapping (a run's manifest holds one)."""
+    raw = copy.deepcopy(raw)
     overridden = {_apply_override(raw, item) for item in overrides}
-    return _build(Recipe, raw, where=str(path), prefix="", overridden=overridden)
+    return _build(Recipe, raw, where=where, prefix="", overridden=overridden)
+
+
+def recipe_differences(old: Recipe, new: Recipe) -> list[str]:
+    """`section.key: old -> new` for every key that changes what is trained."""
+    before, after = _flat(json.loads(old.canonical_json())), _flat(json.loads(new.canonical_json()))
+    return [
+        f"{key}: {json.dumps(before.get(key))} -> {json.dumps(after.get(key))}"
+        for key in sorted(before.keys() | after.keys())
+        if before.get(key) != after.get(key)
+    ]
+
+
+def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and prefix == "":
+            flat.update(_flat(value, f"{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

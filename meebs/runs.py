@@ -7,12 +7,9 @@ folder that exists: two runs started in the same second get `-2`, `-3`, ...
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
-from typing import Any
 
-from meebs.atomic_write import write_text_atomic
 from meebs.errors import MeebsError
 from meebs.recipe import Recipe
 
@@ -33,7 +30,3 @@ def new_run_dir(recipe: Recipe, now: float | None = None) -> Path:
             continue
         return run_dir
     raise MeebsError(f"{parent}: too many runs named {base}; wait a second and retry")
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")

@@ -55,7 +55,7 @@ def save_file_atomic(
     data = serialized[header_end:]
     if add_hashes:
         header.setdefault("__metadata__", {})["sshs_model_hash"] = _sha256_of(data)
-    write_atomic(path, [_canonical_header(header), data])
+    write_atomic(path, [canonical_header(header), data])
 
 
 def read_metadata(path: Path) -> dict[str, str]:
@@ -83,7 +83,7 @@ def _header_length(prefix: bytes | memoryview) -> int:
     return int.from_bytes(prefix, "little")
 
 
-def _canonical_header(header: dict) -> bytes:
+def canonical_header(header: dict) -> bytes:
     """Header JSON with sorted keys, padded with spaces like safetensors itself does."""
     text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     encoded = text.encode("utf-8")

@@ -8,6 +8,7 @@ recipe, so the same recipe on the same machine gives the same bytes.
 
 from __future__ import annotations
 
+import io
 import random
 import signal
 import time
@@ -34,7 +35,8 @@ from torch.utils.tensorboard import SummaryWriter
 
 from meebs import latents as latent_io
 from meebs import text_encoding
-from meebs.atomic_write import write_text_atomic
+from meebs.atomic_write import write_atomic, write_text_atomic
+from meebs.compare import input_differences
 from meebs.dataset import (
     ImageItem,
     background_for,
@@ -42,15 +44,43 @@ from meebs.dataset import (
     plan_batches,
     process_caption,
 )
+from meebs.determinism import (
+    XFORMERS_BACKWARD,
+    NondeterminismWatch,
+    apply_determinism,
+    nondeterminism_warnings,
+)
+from meebs.errors import MeebsError
+from meebs.manifest import (
+    MANIFEST_NAME,
+    RecipeOrigin,
+    data_manifest,
+    hardware,
+    hardware_class,
+    new_manifest,
+    read_manifest,
+    utc_now,
+    write_manifest,
+)
 from meebs.metadata import RunFacts, build_metadata, network_spec
 from meebs.models import BaseModel, describe_base, load_base_model
 from meebs.network import build_network, count_modules, load_network_weights, save_network
 from meebs.optim import build_lr_scheduler, build_optimizer, param_groups
 from meebs.perf import PerfMeter
-from meebs.plan import Plan, bucket_assigner, make_plan, print_plan, scan_data
-from meebs.recipe import Recipe
-from meebs.runs import new_run_dir, write_json_atomic
+from meebs.plan import bucket_assigner, make_plan, print_plan, scan_data
+from meebs.recipe import Recipe, recipe_differences, recipe_from_dict
+from meebs.runs import new_run_dir
+from meebs.safetensors_io import file_sha256
 from meebs.sampling import generate_samples, recipe_prompts, sample_file_name
+from meebs.train_state import (
+    STATE_NAME,
+    Position,
+    TrainState,
+    load_state,
+    rng_from_json,
+    rng_to_json,
+    save_state,
+)
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -64,9 +94,69 @@ class RunResult:
     interrupted: bool = False
     perf: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def manifest(self) -> Path:
+        return self.run_dir / MANIFEST_NAME
 
-def train(recipe: Recipe, console: Console, command: str = "") -> RunResult:
-    torch.set_num_threads(recipe.train.threads)
+
+def train(
+    recipe: Recipe, console: Console, command: str = "", origin: RecipeOrigin | None = None
+) -> RunResult:
+    """A new run of `recipe` in a new run folder."""
+    loop = prepare(recipe, console)
+    run_dir = new_run_dir(recipe)
+    write_text_atomic(run_dir / "recipe.yaml", recipe.to_yaml())
+    manifest = new_manifest(
+        run_id=run_dir.name,
+        command=command,
+        recipe=recipe,
+        origin=origin,
+        data=loop.data_manifest,
+        base_model={"name": loop.facts.base_name, "sha256": loop.facts.base_sha256},
+        device=loop.accelerator.device,
+        determinism=loop.determinism,
+        planned_steps=loop.plan.total_steps,
+    )
+    return run_segment(loop, RunResult(run_dir), manifest, console, command)
+
+
+def resume(
+    run_dir: Path, console: Console, command: str = "", recipe: Recipe | None = None
+) -> RunResult:
+    """Continue an interrupted run in its own folder from its last saved state; the files
+    it writes are the bytes an uninterrupted run would have written."""
+    manifest = read_manifest(run_dir)
+    if manifest["status"] == "finished":
+        raise MeebsError(
+            f"{run_dir}: this run finished all {manifest['steps']} steps; nothing to resume "
+            "(train the recipe again for a new run)"
+        )
+    recorded = recipe_from_dict(manifest["recipe"], where=f"{run_dir / MANIFEST_NAME}")
+    if recipe is not None:
+        changed = recipe_differences(recorded, recipe)
+        if changed:
+            raise MeebsError(
+                f"{run_dir}: a resumed run keeps its recipe, but the one given differs: "
+                f"{'; '.join(changed)}; resume without a recipe, or train it as a new run"
+            )
+    state = load_state(run_dir / STATE_NAME)
+    loop = prepare(recorded, console)
+    changed = input_differences(manifest, loop.data_manifest, loop.facts.base_sha256)
+    if changed:
+        raise MeebsError(
+            f"{run_dir}: inputs changed since the run stopped: {'; '.join(changed)}; "
+            "restore them to resume, or train again"
+        )
+    loop.restore(state)
+    result = RunResult(run_dir, files=[run_dir / name for name in state.position.files])
+    result.epoch_losses = list(state.position.epoch_losses)
+    console.print(f"resuming {run_dir} at step {loop.step} of {loop.plan.total_steps}")
+    return run_segment(loop, result, manifest, console, command)
+
+
+def prepare(recipe: Recipe, console: Console) -> Loop:
+    """Everything before the first step: data, plan, base model, network, optimizer."""
+    determinism = apply_determinism(recipe)
     scan = scan_data(recipe)
     plan = make_plan(recipe, scan)
     prompts = recipe_prompts(recipe)  # a bad prompt line stops the run now, not after epoch 1
@@ -81,6 +171,8 @@ def train(recipe: Recipe, console: Console, command: str = "") -> RunResult:
     )
     console.print(describe_base(base))
     attention = set_attention(base, recipe, fallbacks)
+    if attention == "xformers":
+        determinism["nondeterministic_backends"].append(XFORMERS_BACKWARD)
 
     torch.manual_seed(recipe.train.seed)  # network init
     train_unet, train_te = recipe.unet_lr > 0, recipe.text_encoder_lr > 0
@@ -104,6 +196,8 @@ def train(recipe: Recipe, console: Console, command: str = "") -> RunResult:
     optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
     for message in fallbacks:
         console.print(f"[yellow]fallback:[/yellow] {message}")
+    for message in nondeterminism_warnings(determinism, set()):
+        console.print(f"[yellow]not reproducible:[/yellow] {message}")
 
     facts = RunFacts(
         base_name=base.name,
@@ -114,21 +208,69 @@ def train(recipe: Recipe, console: Console, command: str = "") -> RunResult:
         attention=attention,
         fallbacks=tuple(fallbacks),
     )
-    run_dir = new_run_dir(recipe)
-    write_text_atomic(run_dir / "recipe.yaml", recipe.to_yaml())
-    result = RunResult(run_dir=run_dir)
-    log_dir = Path(recipe.output.logging_dir) / run_dir.name if recipe.output.logging_dir else None
-    writer = SummaryWriter(log_dir=str(log_dir or run_dir / "logs"))
     loop = Loop(
         recipe, scan, plan, base, network, optimizer, lr_scheduler, accelerator, facts, prompts
     )
+    loop.determinism = determinism
+    loop.data_manifest = data_manifest(scan)
+    return loop
+
+
+def run_segment(
+    loop: Loop, result: RunResult, manifest: dict, console: Console, command: str
+) -> RunResult:
+    """Run the loop from where it stands, keeping the manifest up to date around it."""
+    recipe, run_dir = loop.recipe, result.run_dir
+    resumed_at = loop.step
+    segment = {"command": command, "started_at": utc_now(), "from_step": resumed_at}
+    segment["hardware_class"] = hardware_class(hardware(loop.accelerator.device))
+    manifest["segments"].append(segment)
+    manifest["status"] = "running"
+    write_manifest(run_dir, manifest)
+    log_dir = Path(recipe.output.logging_dir) / run_dir.name if recipe.output.logging_dir else None
+    # after a resume, events past the saved step (logged before the stop) are dropped
+    writer = SummaryWriter(
+        log_dir=str(log_dir or run_dir / "logs"), purge_step=resumed_at + 1 if resumed_at else None
+    )
+    watch = NondeterminismWatch()
+    started = time.perf_counter()
     try:
-        with stop_on_ctrl_c() as stop:
+        with stop_on_ctrl_c() as stop, watch.watching():
             loop.run(result, writer, console, stop)
     finally:
         writer.close()
-        write_json_atomic(run_dir / "run.json", run_record(recipe, plan, facts, result, command))
+        segment.update(
+            finished_at=utc_now(),
+            to_step=loop.step,
+            duration_s=round(time.perf_counter() - started, 3),
+            perf=result.perf,
+        )
+        finish_manifest(manifest, loop, result, watch.ops)
+        write_manifest(run_dir, manifest)
+    for message in nondeterminism_warnings(
+        {**loop.determinism, "nondeterministic_backends": []}, watch.ops
+    ):
+        console.print(f"[yellow]not reproducible:[/yellow] {message}")
+    if manifest["status"] == "finished":
+        (run_dir / STATE_NAME).unlink(missing_ok=True)
     return result
+
+
+def finish_manifest(manifest: dict, loop: Loop, result: RunResult, ops: set[str]) -> None:
+    """The run's outcome: status, files and their sha256, losses, times."""
+    done = result.steps == loop.plan.total_steps and not result.interrupted
+    manifest["status"] = "finished" if done else "interrupted"
+    manifest["steps"] = loop.step
+    manifest["epoch_losses"] = result.epoch_losses
+    manifest["outputs"] = {f.name: file_sha256(f) for f in result.files if f.is_file()}
+    samples = sorted((result.run_dir / "samples").glob("*.png"))
+    manifest["samples"] = {f.name: file_sha256(f) for f in samples}
+    ops_seen = set(manifest["determinism"].get("nondeterministic_ops", [])) | ops
+    manifest["determinism"]["nondeterministic_ops"] = sorted(ops_seen)
+    manifest["fallbacks"] = list(loop.facts.fallbacks)
+    manifest["perf"] = result.perf
+    manifest["finished_at"] = utc_now()
+    manifest["duration_s"] = round(sum(s.get("duration_s", 0.0) for s in manifest["segments"]), 3)
 
 
 def make_accelerator(recipe: Recipe) -> tuple[Accelerator, list[str]]:
@@ -191,6 +333,60 @@ class Loop:
         self.latent_cache = latent_io.LatentCache(base.vae, self.vae_gen, recipe.train.batch_size)
         self.step = 0
         self.perf = PerfMeter(acc.device)
+        self.epoch_rng = self.data_rng.getstate()
+        self.resume_at: Position | None = None  # set by `restore`
+        self.determinism: dict = {}  # set by `prepare`
+        self.data_manifest: dict = {}
+
+    # ---------------------------------------------------------------- state
+    def _position(
+        self, epoch: int, batches_done: int, losses: list[float], result: RunResult
+    ) -> Position:
+        return Position(
+            epoch=epoch,
+            batch=batches_done,
+            step=self.step,
+            epoch_rng=rng_to_json(self.epoch_rng),
+            data_rng=rng_to_json(self.data_rng.getstate()),
+            epoch_losses=list(result.epoch_losses),
+            losses=list(losses),
+            files=[f.name for f in result.files],
+        )
+
+    def _save_state(self, run_dir: Path, position: Position) -> None:
+        generators = {"noise": self.noise_gen.get_state(), "vae": self.vae_gen.get_state()}
+        generators["torch"] = torch.get_rng_state()
+        if torch.cuda.is_available():
+            for index, state in enumerate(torch.cuda.get_rng_state_all()):
+                generators[f"cuda.{index}"] = state
+        state = TrainState(
+            position=position,
+            network=self.network.state_dict(),
+            optimizer=self.optimizer.state_dict(),
+            lr_scheduler=self.lr_scheduler.state_dict(),
+            generators=generators,
+        )
+        save_state(run_dir / STATE_NAME, state)
+
+    def restore(self, state: TrainState) -> None:
+        """Load a saved state; `run` then continues from its position."""
+        self.network.load_state_dict(state.network)
+        self.optimizer.load_state_dict(state.optimizer)
+        self.lr_scheduler.load_state_dict(state.lr_scheduler)
+        self.step = state.position.step
+        self.resume_at = state.position
+        self._saved_generators = state.generators
+
+    def _restore_generators(self) -> None:
+        """After the latent cache is filled (which draws from a fresh VAE generator, as
+        the first run did), every generator continues from its saved state."""
+        saved = self._saved_generators
+        self.noise_gen.set_state(saved["noise"])
+        self.vae_gen.set_state(saved["vae"])
+        torch.set_rng_state(saved["torch"])
+        for key, state in saved.items():
+            if key.startswith("cuda.") and torch.cuda.is_available():
+                torch.cuda.set_rng_state(state, int(key.split(".")[1]))
 
     # ---------------------------------------------------------------- the loop
     def run(self, result: RunResult, writer: SummaryWriter, console: Console, stop) -> None:
@@ -198,12 +394,24 @@ class Loop:
         samples = epoch_samples(self.scan)
         if recipe.data.cache_latents:
             self._cache_latents(samples, console, stop)
+        at, self.resume_at = self.resume_at, None
+        if at:
+            self._restore_generators()
         with self._progress(console) as progress:
-            task = progress.add_task("train", total=plan.total_steps, epoch=0, loss=0.0, lr=0.0)
+            task = progress.add_task(
+                "train", total=plan.total_steps, completed=self.step, epoch=0, loss=0.0, lr=0.0
+            )
             accumulate = recipe.train.gradient_accumulation_steps
-            for epoch in range(1, plan.epochs + 1):
-                losses = []
-                for index, batch in enumerate(self._epoch_batches(samples)):
+            for epoch in range(at.epoch if at else 1, plan.epochs + 1):
+                if at:
+                    self.data_rng.setstate(rng_from_json(at.epoch_rng))
+                self.epoch_rng = self.data_rng.getstate()
+                batches = self._epoch_plan(samples)
+                done, losses = 0, []
+                if at:  # the epoch's batch order is rebuilt; skip the batches already done
+                    self.data_rng.setstate(rng_from_json(at.data_rng))
+                    done, losses, at = at.batch, list(at.losses), None
+                for index, batch in enumerate(self._load(batches[done:]), start=done):
                     # the optimizer steps after every `accumulate` batches and after the
                     # epoch's last one, so a short last group never leaks into the next epoch
                     group_start = index - index % accumulate
@@ -221,6 +429,7 @@ class Loop:
                     if stop.requested:
                         break
                 if stop.requested:
+                    stopped_at = self._position(epoch, len(losses), losses, result)
                     break
                 result.epoch_losses.append(sum(losses) / len(losses))
                 writer.add_scalar("loss/epoch", result.epoch_losses[-1], epoch)
@@ -229,7 +438,7 @@ class Loop:
         result.perf = self.perf.summary()
         console.print(self.perf.line())
         if stop.requested:
-            self._save_interrupted(result, console)
+            self._save_interrupted(result, console, stopped_at)
         else:
             console.print(f"[green]done:[/green] {len(result.files)} file(s) in {result.run_dir}")
 
@@ -263,22 +472,25 @@ class Loop:
         return loss.detach().item()
 
     # ---------------------------------------------------------------- data
-    def _epoch_batches(self, samples: list[ImageItem]) -> Iterator[tuple]:
-        """(variants, items, pixels or None) per batch; the random choices are made here."""
+    def _epoch_plan(self, samples: list[ImageItem]) -> list[tuple[list, list[ImageItem]]]:
+        """(variants, items) per batch: the epoch's random order and flips, chosen here."""
         batches = plan_batches(
             samples, self.assign_bucket, self.recipe.train.batch_size, self.data_rng
         )
         flip = self.recipe.data.flip_aug
-        variant_batches = [
-            [self._variant(item, flip and self.data_rng.random() < 0.5) for item in batch]
+        return [
+            ([self._variant(item, flip and self.data_rng.random() < 0.5) for item in batch], batch)
             for batch in batches
         ]
+
+    def _load(self, batches: list[tuple[list, list[ImageItem]]]) -> Iterator[tuple]:
+        """(variants, items, pixels or None) per batch; pixels are read ahead by workers."""
         if self.recipe.data.cache_latents:
-            for variants, items in zip(variant_batches, batches, strict=True):
+            for variants, items in batches:
                 yield variants, items, None
             return
-        loader = latent_io.pixel_batches(variant_batches, self.recipe.data.num_workers)
-        for variants, items, pixels in zip(variant_batches, batches, loader, strict=True):
+        loader = latent_io.pixel_batches([v for v, _ in batches], self.recipe.data.num_workers)
+        for (variants, items), pixels in zip(batches, loader, strict=True):
             yield variants, items, pixels
 
     def _variant(self, item: ImageItem, flip: bool) -> latent_io.Variant:
@@ -363,6 +575,9 @@ class Loop:
         if epoch in names:
             self._save(result.run_dir / names[epoch], epoch, result)
             self._drop_old_epochs(result, epoch)
+            if epoch < self.plan.epochs:  # a crash after this point resumes from here
+                self.epoch_rng = self.data_rng.getstate()
+                self._save_state(result.run_dir, self._position(epoch + 1, 0, [], result))
         every = self.recipe.sample.every_n_epochs
         if every and (epoch % every == 0 or epoch == self.plan.epochs):
             self._samples(result.run_dir, epoch, writer)
@@ -386,11 +601,16 @@ class Loop:
             old.unlink(missing_ok=True)
             result.files.remove(old)
 
-    def _save_interrupted(self, result: RunResult, console: Console) -> None:
+    def _save_interrupted(self, result: RunResult, console: Console, at: Position) -> None:
         result.interrupted = True
         name = f"{self.recipe.output.name}-step{self.step:08d}.safetensors"
         self._save(result.run_dir / name, len(result.epoch_losses), result)
-        console.print(f"[yellow]stopped:[/yellow] saved step {self.step} to {result.files[-1]}")
+        at.files.append(name)
+        self._save_state(result.run_dir, at)
+        console.print(
+            f"[yellow]stopped:[/yellow] saved step {self.step} to {result.files[-1]}; "
+            f"continue with: train --resume {result.run_dir}"
+        )
 
     def _samples(self, run_dir: Path, epoch: int, writer: SummaryWriter) -> None:
         base = self.base
@@ -409,7 +629,9 @@ class Loop:
         sample_dir.mkdir(exist_ok=True)
         for index, image in enumerate(images):
             name = sample_file_name(self.recipe.output.name, epoch, self.step, index)
-            image.save(sample_dir / name)
+            png = io.BytesIO()
+            image.save(png, format="PNG")
+            write_atomic(sample_dir / name, [png.getbuffer()])
             array = torch.from_numpy(np.array(image.convert("RGB")))
             writer.add_image(f"samples/{index:02d}", array, self.step, dataformats="HWC")
 
@@ -452,20 +674,3 @@ def stop_on_ctrl_c():
         yield flag
     finally:
         signal.signal(signal.SIGINT, previous)
-
-
-def run_record(recipe: Recipe, plan: Plan, facts: RunFacts, result: RunResult, command: str):
-    """run.json: what ran, how far it got and how fast (times live here, not in files)."""
-    return {
-        "command": command,
-        "recipe_sha256": recipe.sha256(),
-        "base_model_sha256": facts.base_sha256,
-        "fallbacks": list(facts.fallbacks),
-        "planned_steps": plan.total_steps,
-        "steps": result.steps,
-        "interrupted": result.interrupted,
-        "epoch_losses": result.epoch_losses,
-        "files": [f.name for f in result.files],
-        "perf": result.perf,
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }

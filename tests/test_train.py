@@ -47,9 +47,9 @@ def test_writes_the_planned_files(demo_run):
     assert result.run_dir.parent == Path(recipe.output.dir) / "meebs_demo"
     assert result.steps == 60
     assert (result.run_dir / "recipe.yaml").read_text() == recipe.to_yaml()
-    record = json.loads((result.run_dir / "run.json").read_text())
-    assert record["steps"] == 60 and record["files"] == [p.name for p in result.files]
-    assert record["perf"]["steps_per_second"] > 0
+    record = json.loads((result.run_dir / "manifest.json").read_text())
+    assert record["steps"] == 60 and list(record["outputs"]) == [p.name for p in result.files]
+    assert record["status"] == "finished" and record["perf"]["steps_per_second"] > 0
     samples = sorted(p.name for p in (result.run_dir / "samples").glob("*.png"))
     assert len(samples) == 4 and all("_e000001_" in s or "_e000002_" in s for s in samples)
 
@@ -69,9 +69,7 @@ def test_metadata_is_kohya_style_and_has_no_clock(demo_run):
         meta["ss_num_train_images"] == "60" and meta["ss_num_reg_images"] == "6"
     )  # kohya: reg images x repeats
     assert meta["ss_base_model_version"] == "sd_v1" and meta["ss_v2"] == "False"
-    assert json.loads(meta["ss_dataset_dirs"]) == {
-        "10_meeb person": {"n_repeats": 10, "img_count": 6}
-    }
+    assert json.loads(meta["ss_dataset_dirs"]) == {"10_meeb": {"n_repeats": 10, "img_count": 6}}
     assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
     assert meta["meebs_recipe_sha256"] == recipe.sha256()
     assert not {k for k in meta if k.endswith("_at") or k == "modelspec.date"}
@@ -154,8 +152,9 @@ def test_ctrl_c_saves_the_last_finished_step(tmp_path, monkeypatch):
     assert [p.name for p in result.run_dir.glob("*.safetensors")] == [
         "meebs_demo-step00000005.safetensors"
     ]
-    record = json.loads((result.run_dir / "run.json").read_text())
-    assert record["interrupted"] is True and record["perf"]["steps"] == 5
+    record = json.loads((result.run_dir / "manifest.json").read_text())
+    assert record["status"] == "interrupted" and record["perf"]["steps"] == 5
+    assert (result.run_dir / "resume.state").is_file()
     assert not list(result.run_dir.glob(".*.tmp"))
 
 
