@@ -82,6 +82,9 @@ class DataSection:
     keep_tokens: int = knob(0, "leading caption tags kept in place when shuffling", lo=0)
     caption_dropout_rate: float = knob(0.0, "probability of an empty caption", lo=0.0, hi=1.0)
     cache_latents: bool = knob(True, "encode every image once with the VAE, before training")
+    cache_latents_to_disk: bool = knob(
+        True, "keep cached latents on disk ($MEEBS_CACHE_DIR/latents) for later runs"
+    )
     num_workers: int = knob(0, "data-loader worker processes", lo=0, hi=64)
 
 

@@ -325,12 +325,13 @@ class Loop:
         seed = recipe.train.seed
         self.data_rng = random.Random(seed)  # batch order, flips, caption shuffle/dropout
         self.noise_gen = torch.Generator().manual_seed(seed + 1)  # noise, timesteps
-        self.vae_gen = torch.Generator().manual_seed(seed + 2)  # latent sampling
+        self.vae_gen = torch.Generator().manual_seed(seed + 2)  # latent sampling, uncached
         self.assign_bucket = bucket_assigner(recipe)
         self.backgrounds = self._backgrounds()
         self.train_te = bool(network.text_encoder_loras) and recipe.text_encoder_lr > 0
         self.text_cache: dict[str, torch.Tensor] = {}
-        self.latent_cache = latent_io.LatentCache(base.vae, self.vae_gen, recipe.train.batch_size)
+        store = latent_io.latent_store() if recipe.data.cache_latents_to_disk else None
+        self.latent_cache = latent_io.LatentCache(base.vae, base.sha256, seed, store)
         self.step = 0
         self.perf = PerfMeter(acc.device)
         self.epoch_rng = self.data_rng.getstate()
@@ -510,7 +511,13 @@ class Loop:
             for _ in self.latent_cache.fill(variants):
                 if stop.requested:
                     raise KeyboardInterrupt
-        console.print(f"cached latents of {len(variants)} image variants")
+        cache = self.latent_cache
+        for warning in cache.warnings:
+            console.print(f"[yellow]warning:[/yellow] {warning}")
+        console.print(
+            f"latents of {len(variants)} image variants: {cache.encoded} encoded, "
+            f"{cache.reused} from the disk cache"
+        )
 
     def _caption(self, item: ImageItem) -> str:
         data = self.recipe.data

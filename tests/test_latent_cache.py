@@ -1,0 +1,93 @@
+"""The disk latent cache: reused across runs, invalidated by content, never trusted blindly."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from rich.console import Console
+
+from meebs import latents as latent_io
+from meebs.recipe import load_recipe
+from meebs.safetensors_io import file_sha256
+from meebs.train import train
+
+REPO = Path(__file__).resolve().parent.parent
+ONE_EPOCH = ["train.epochs=1", "train.batch_size=4", "sample.every_n_epochs=0"]
+
+
+@pytest.fixture
+def data(tmp_path, monkeypatch) -> Path:
+    """A private copy of the demo data and a private cache folder."""
+    monkeypatch.setenv("MEEBS_CACHE_DIR", str(tmp_path / "cache"))
+    shutil.copytree(REPO / "data" / "demo", tmp_path / "data")
+    return tmp_path / "data"
+
+
+@pytest.fixture
+def encodes(monkeypatch) -> list[int]:
+    """Counts the images the VAE encodes."""
+    calls: list[int] = []
+    original = latent_io.encode
+
+    def counting(vae, pixels, generator):
+        calls.append(len(pixels))
+        return original(vae, pixels, generator)
+
+    monkeypatch.setattr(latent_io, "encode", counting)
+    return calls
+
+
+def run(data: Path, out: Path, *overrides: str):
+    recipe = load_recipe(
+        REPO / "recipes" / "demo.yaml",
+        [
+            *ONE_EPOCH,
+            f"data.train_dir={data / 'train'}",
+            f"data.reg_dir={data / 'reg'}",
+            f"output.dir={out}",
+            *overrides,
+        ],
+    )
+    return train(recipe, Console(quiet=True))
+
+
+def test_a_second_run_encodes_nothing_and_gives_the_same_bytes(data, encodes, tmp_path):
+    first = run(data, tmp_path / "a")
+    assert sum(encodes) == 12  # 6 training + 6 reg images, no flips
+    encodes.clear()
+    second = run(data, tmp_path / "b")
+    assert encodes == []
+    assert [file_sha256(f) for f in first.files] == [file_sha256(f) for f in second.files]
+
+
+def test_a_changed_image_alone_is_encoded_again(data, encodes, tmp_path):
+    run(data, tmp_path / "a")
+    victim = sorted((data / "train").rglob("*.png"))[1]
+    Image.open(victim).rotate(90).save(victim)
+    encodes.clear()
+    run(data, tmp_path / "b")
+    assert sum(encodes) == 1
+
+
+def test_a_corrupt_entry_is_encoded_again_not_trained_on(data, encodes, tmp_path):
+    first = run(data, tmp_path / "a")
+    store = latent_io.latent_store()
+    entries = sorted(store.rglob("*.safetensors"))
+    assert len(entries) == 12
+    entries[0].write_bytes(entries[0].read_bytes()[:-8])  # truncated
+    entries[1].write_bytes(entries[0].read_bytes()[:16])  # garbage
+    encodes.clear()
+    recipe_run = run(data, tmp_path / "b")
+    assert sum(encodes) == 2
+    assert [file_sha256(f) for f in first.files] == [file_sha256(f) for f in recipe_run.files]
+
+
+def test_cache_in_memory_only_writes_nothing(data, encodes, tmp_path):
+    run(data, tmp_path / "a", "data.cache_latents_to_disk=false")
+    assert not latent_io.latent_store().exists()
+    encodes.clear()
+    run(data, tmp_path / "b", "data.cache_latents_to_disk=false")
+    assert sum(encodes) == 12
