@@ -24,7 +24,7 @@ check_recipe = $(if $(wildcard $(recipe_file)),,$(error unknown recipe '$(RECIPE
 
 .DEFAULT_GOAL := help
 .PHONY: help demo test test-fast lint format plan train fetch-model tensorboard bench venv \
-        lock clean clean-venv docker-check gpu-check image reproduce record data
+        lock clean clean-venv docker-check gpu-check image reproduce record data grid
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -121,6 +121,10 @@ endif
 record: $(VENV)/.installed ## copy RUN=outputs/...'s manifest to results/<recipe>/ (commit it)
 	$(if $(RUN),,$(error give the finished run to record: make record RUN=outputs/<name>/<run id>))
 	$(PY) entrypoint.py record $(RUN) $(ARGS)
+
+grid: $(VENV)/.installed ## one PNG of RUN=outputs/<name>/<run id>'s prompts x epochs (ARGS="--weights 0.5,1")
+	$(if $(RUN),,$(error give a run: make grid RUN=outputs/<name>/<run id>))
+	$(PY) entrypoint.py grid $(RUN) $(ARGS)
 
 bench: $(VENV)/.installed ## steps/s, peak RSS, time to first step: demo, SD 1.5 128px, bare loop
 	$(PY) -m meebs.bench

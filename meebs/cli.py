@@ -9,9 +9,13 @@
     python entrypoint.py record outputs/meebs_demo/RUN   # into results/<recipe>/
     python entrypoint.py keys          # every recipe key, its default and meaning
     python entrypoint.py fetch-model sd15 [--dest models]   # download a pinned base model
+    python entrypoint.py merge net.safetensors:0.8 --into merged --model PATH  # bake in
     python entrypoint.py import-kohya config.json > recipes/x.yaml   # kohya_ss GUI config
     python entrypoint.py export-kohya recipes/1.3.yaml > config.json # for the kohya_ss GUI
     python entrypoint.py tensorboard   # TensorBoard on outputs/ [--host H] [--port P]
+    python entrypoint.py generate "a drawing of meeb <lyco:meebs_demo:1>" --seed 1
+    python entrypoint.py grid outputs/meebs_demo/RUN [--weights 0.5,1] [--seeds 1,2]
+    python entrypoint.py inspect outputs/meebs_demo/RUN/meebs_demo.safetensors
     python entrypoint.py prep check data/img_1.0          # a dataset's problems, no changes
     python entrypoint.py prep data/img_1.0 --to NEWDIR ... # a cleaned copy and its record
 
@@ -82,6 +86,22 @@ def _parser() -> argparse.ArgumentParser:
     fetch.add_argument("name", help="model name in models.lock.yaml, e.g. sd15")
     fetch.add_argument("--dest", default="models", help="folder (default: %(default)s)")
     fetch.add_argument("--pins", default=None, help="pins file (default: models.lock.yaml)")
+    text = "bake networks into the base model: a pinned diffusers folder for ComfyUI or training"
+    merge = commands.add_parser("merge", help=text, description=text)
+    merge.add_argument("networks", nargs="+", metavar="NETWORK[:W]", help="weight W default 1")
+    merge.add_argument("--into", required=True, metavar="DIR", help="new folder (must not exist)")
+    merge.add_argument("--model", required=True, help="builtin:NAME or a checkpoint PATH")
+    merge.add_argument("--sha256", default=None, help="the base model's pin, checked first")
+    _add_generate(commands)
+    text = "one labelled PNG: a run's sample prompts x its epoch files [x weights]"
+    grid = commands.add_parser("grid", help=text, description=text)
+    grid.add_argument("run", help="run folder, e.g. outputs/meebs_demo/RUN")
+    grid.add_argument("--weights", help="comma-separated multipliers, e.g. 0.25,0.5,0.75,1")
+    grid.add_argument("--seeds", help="comma-separated seeds (default: the prompts' own)")
+    grid.add_argument("--out", help="PNG to write (default: RUN/grid.png)")
+    text = "show what a network file holds: modules, algo, ranks, alphas, training metadata"
+    inspect = commands.add_parser("inspect", help=text, description=text)
+    inspect.add_argument("file", help="a .safetensors network file")
     from meebs import tensorboard as tb
 
     text = "serve TensorBoard on the runs' logs (the compose sidecar)"
@@ -132,6 +152,12 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         return 0
     if args.command == "fetch-model":
         return _fetch_model(args, console)
+    if args.command == "merge":
+        from meebs.merge import run_merge
+
+        return run_merge(args, console)
+    if args.command in ("generate", "grid", "inspect"):
+        return _try_networks(args, console)
     if args.command in ("import-kohya", "export-kohya"):
         return _kohya(args)
     if args.command == "prep":
@@ -208,6 +234,60 @@ def _reproduce(args: argparse.Namespace, console: Console) -> int:
     else:
         path = Path(run)
     return reproduce.reproduce(path, overrides, console, command=args.command_line)
+
+
+def _add_generate(commands: argparse._SubParsersAction) -> None:
+    """Options left out stay None, so `meebs.generate.Request` supplies the defaults."""
+    text = "draw images from a prompt with <lyco:NAME:W> tags, A1111-style PNGs"
+    gen = commands.add_parser("generate", help=text, description=text)
+    gen.add_argument("prompt", help='e.g. "a drawing of meeb <lyco:meebs_demo:1>"')
+    gen.add_argument("--negative", help="negative prompt")
+    gen.add_argument("--seed", type=int, help="first seed (default: random)")
+    gen.add_argument("--steps", type=int, help="default: 20")
+    gen.add_argument("--cfg", type=float, help="default: 7")
+    gen.add_argument("--sampler", help="A1111 name, e.g. 'DPM++ 2M Karras' (default: Euler a)")
+    gen.add_argument("--size", help="WxH (default: the network's training size, else 512x512)")
+    gen.add_argument("--count", type=int, help="images, seeds seed, seed+1, ... (default: 1)")
+    gen.add_argument("--networks", action="append", help="extra folder to find NAME in")
+    gen.add_argument("--out", help="folder (default: outputs/generated)")
+    gen.add_argument("--model", help="builtin:tiny or a checkpoint (default: network's base)")
+    gen.add_argument("--sha256", help="pin the base model's sha256")
+
+
+def _try_networks(args: argparse.Namespace, console: Console) -> int:
+    """generate / grid / inspect: use trained networks without a UI."""
+    from pathlib import Path
+
+    if args.command == "inspect":
+        from meebs.inspect_network import inspect_file
+
+        inspect_file(Path(args.file), console)
+        return 0
+    if args.command == "grid":
+        from meebs.grid import make_grid, parse_numbers
+
+        make_grid(
+            Path(args.run),
+            console,
+            weights=parse_numbers("--weights", args.weights, float),
+            seeds=parse_numbers("--seeds", args.seeds, int),
+            out=Path(args.out) if args.out else None,
+        )
+        return 0
+    from meebs.generate import Request, generate
+
+    options = {
+        name: getattr(args, name)
+        for name in (
+            *("prompt", "negative", "seed", "steps", "cfg", "sampler", "size", "count"),
+            *("model", "sha256"),
+        )
+    }
+    options["networks"] = [Path(folder) for folder in args.networks or []]
+    options["out"] = Path(args.out) if args.out else None
+    request = Request(**{name: value for name, value in options.items() if value is not None})
+    generate(request, console)
+    return 0
 
 
 def _kohya(args: argparse.Namespace) -> int:

@@ -213,7 +213,7 @@ def load_network_weights(network: LycorisNetworkKohya, path: Path) -> None:
     alpha would be ignored). Modules the file lacks keep their fresh init.
     """
     path = Path(path)
-    stored = _load_tensors(path)
+    stored = load_tensors(path)
     _check_fits(network, path, stored)
     weights = {key: value for key, value in stored.items() if not key.endswith(".alpha")}
     with torch.no_grad():
@@ -230,7 +230,7 @@ def load_network_file(
     matches no layer of the model is an error here, not a silently dropped key.
     """
     path = Path(path)
-    weights = _load_tensors(path)
+    weights = load_tensors(path)
     apply_sd15_preset()
     wrapped_text_encoder = lycoris_text_encoder(text_encoder)
     network, _ = create_network_from_weights(
@@ -251,7 +251,7 @@ def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else str(value)
 
 
-def _load_tensors(path: Path) -> dict[str, Tensor]:
+def load_tensors(path: Path) -> dict[str, Tensor]:
     try:
         return load_file(path)
     except FileNotFoundError:
