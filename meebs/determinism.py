@@ -62,8 +62,12 @@ def nondeterminism_warnings(settings: dict[str, Any], ops: set[str]) -> list[str
     if not settings["deterministic_algorithms"]:
         lines.append("train.deterministic is off: a rerun may differ in the low bits")
     lines += [f"{what} is not deterministic" for what in settings["nondeterministic_backends"]]
-    lines += [f"{op} has no deterministic implementation" for op in sorted(ops)]
-    return lines
+    return lines + op_warnings(ops)
+
+
+def op_warnings(ops: set[str]) -> list[str]:
+    """The ops torch reported during the run (known only once it has run)."""
+    return [f"{op} has no deterministic implementation" for op in sorted(ops)]
 
 
 class NondeterminismWatch:

@@ -87,10 +87,7 @@ def generate(request: Request, console: Console) -> list[Path]:
     for part in (base.unet, base.vae, base.text_encoder):
         part.to(device)
     images = generate_samples(
-        unet=base.unet,
-        vae=base.vae,
-        text_encoder=base.text_encoder,
-        tokenizer=base.tokenizer,
+        base,
         prompts=prompts,
         device=device,
         dtype=torch.float32,

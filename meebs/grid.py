@@ -26,6 +26,7 @@ from meebs.models import BaseModel
 from meebs.network_apply import apply_network, read_shapes, remove_network, set_multipliers
 from meebs.png import write_png
 from meebs.recipe import Recipe, load_recipe
+from meebs.runs import log_dir
 from meebs.sampling import SamplePrompt, generate_samples, recipe_prompts
 
 GRID_NAME = "grid.png"
@@ -132,10 +133,7 @@ def _epoch_files(run: Path) -> list[tuple[int, Path]]:
 
 def _draw(recipe: Recipe, base: BaseModel, prompts: list[SamplePrompt]) -> list[Image.Image]:
     return generate_samples(
-        unet=base.unet,
-        vae=base.vae,
-        text_encoder=base.text_encoder,
-        tokenizer=base.tokenizer,
+        base,
         prompts=prompts,
         device="cpu",
         dtype=base.unet.dtype,
@@ -150,9 +148,7 @@ def _row_label(prompt: SamplePrompt) -> str:
 
 def _log(recipe: Recipe, run: Path, grid: Image.Image, step: int) -> None:
     """Add the grid to the run's TensorBoard log dir (the one training wrote to)."""
-    logging_dir = recipe.output.logging_dir
-    log_dir = Path(logging_dir) / run.name if logging_dir else run / "logs"
-    writer = SummaryWriter(log_dir=str(log_dir))
+    writer = SummaryWriter(log_dir=str(log_dir(recipe, run)))
     try:
         writer.add_image("grid", np.asarray(grid), step, dataformats="HWC")
     finally:

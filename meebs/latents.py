@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from meebs.dataset import load_image
 from meebs.errors import MeebsError
-from meebs.hash_cache import cache_file, cached_sha256
+from meebs.hash_cache import cache_file
 from meebs.safetensors_io import save_file_atomic
 
 # Bump when preprocessing or encoding changes: every cached latent is then a miss.
@@ -91,8 +91,16 @@ class LatentCache:
     the preprocessing is a new address. A corrupt or mismatched file is re-encoded.
     """
 
-    def __init__(self, vae, model_sha256: str, seed: int, store: Path | None):
+    def __init__(
+        self,
+        vae,
+        model_sha256: str,
+        seed: int,
+        store: Path | None,
+        image_sha256: Mapping[Path, str],
+    ):
         self.vae, self.model_sha256, self.seed, self.store = vae, model_sha256, seed, store
+        self.image_sha256 = image_sha256
         self.latents: dict[Variant, torch.Tensor] = {}
         self.encoded = self.reused = 0
         self.warnings: list[str] = []
@@ -119,7 +127,7 @@ class LatentCache:
     def address(self, variant: Variant) -> str:
         content = {
             "format": LATENT_FORMAT,
-            "image_sha256": cached_sha256(variant.path),
+            "image_sha256": self.image_sha256[variant.path],
             "size": list(variant.size),
             "background": variant.background,
             "flip": variant.flip,

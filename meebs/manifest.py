@@ -30,7 +30,6 @@ from meebs import __version__
 from meebs.atomic_write import write_text_atomic
 from meebs.dataset import DatasetScan
 from meebs.errors import MeebsError
-from meebs.hash_cache import cached_sha256
 from meebs.recipe import Recipe
 
 FORMAT = 1
@@ -45,12 +44,12 @@ VOLATILE = ("started_at", "finished_at", "duration_s", "perf", "segments", "run_
 # --------------------------------------------------------------------------- inputs
 
 
-def data_manifest(scan: DatasetScan) -> dict[str, Any]:
+def data_manifest(scan: DatasetScan, image_sha256: dict[Path, str]) -> dict[str, Any]:
     """Each image as `{train|reg}/{folder}/{file}` with its sha256, caption and repeats."""
     files = [
         {
             "path": f"{'reg' if subset.is_reg else 'train'}/{subset.folder.name}/{image.path.name}",
-            "sha256": cached_sha256(image.path),
+            "sha256": image_sha256[image.path],
             "caption": image.caption,
             "repeats": subset.repeats,
         }

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 
 from meebs import __version__
 from meebs.dataset import DatasetScan
-from meebs.network import NetworkSpec
+from meebs.network import LycorisNetworkKohya, NetworkSpec, build_network
 from meebs.plan import Plan
 from meebs.recipe import Recipe
 
@@ -47,6 +47,18 @@ def network_spec(recipe: Recipe) -> NetworkSpec:
         conv_dim=net.conv_dim,
         conv_alpha=net.conv_alpha,
         use_tucker=net.use_tucker,
+    )
+
+
+def recipe_network(recipe: Recipe, unet, text_encoder) -> LycorisNetworkKohya:
+    """The recipe's LyCORIS network on these modules; a part whose learning rate is 0
+    gets no modules."""
+    return build_network(
+        unet,
+        text_encoder,
+        network_spec(recipe),
+        train_unet=recipe.unet_lr > 0,
+        train_text_encoder=recipe.text_encoder_lr > 0,
     )
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Column, Table
@@ -87,8 +88,6 @@ def find_results(recipe: str, results_dir: Path, console: Console) -> Path:
 
 def machine_class() -> str:
     """This machine's hardware class as a run would record it."""
-    import torch
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return hardware_class(hardware(device))
 

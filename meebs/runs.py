@@ -14,6 +14,12 @@ from meebs.errors import MeebsError
 from meebs.recipe import Recipe
 
 
+def log_dir(recipe: Recipe, run_dir: Path) -> Path:
+    """The run's TensorBoard folder: `logs/` inside it, or `{output.logging_dir}/{run id}`."""
+    where = recipe.output.logging_dir
+    return Path(where) / run_dir.name if where else run_dir / "logs"
+
+
 def new_run_dir(recipe: Recipe, now: float | None = None) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(time.time() if now is None else now))
     parent = Path(recipe.output.dir) / recipe.output.name

@@ -17,11 +17,10 @@ import re
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from diffusers import (
-    AutoencoderKL,
     DDIMScheduler,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
@@ -32,16 +31,17 @@ from diffusers import (
     LMSDiscreteScheduler,
     PNDMScheduler,
     StableDiffusionPipeline,
-    UNet2DConditionModel,
     UniPCMultistepScheduler,
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from PIL import Image
-from transformers import CLIPTextModel, PreTrainedTokenizerBase
 
 from meebs.errors import RecipeError
 from meebs.recipe import Recipe
 from meebs.text_encoding import encode, tokenize
+
+if TYPE_CHECKING:
+    from meebs.models import BaseModel
 
 # The SD 1.5 training schedule; every sampler must walk the same noise levels it was trained on.
 SD15_SCHEDULE: Mapping[str, object] = MappingProxyType(
@@ -252,11 +252,8 @@ def _eval_mode(*modules: torch.nn.Module) -> Iterator[None]:
 
 
 def generate_samples(
+    model: BaseModel,
     *,
-    unet: UNet2DConditionModel,
-    vae: AutoencoderKL,
-    text_encoder: CLIPTextModel,
-    tokenizer: PreTrainedTokenizerBase,
     prompts: list[SamplePrompt],
     device: torch.device | str,
     dtype: torch.dtype,
@@ -277,6 +274,7 @@ def generate_samples(
     """
     if not prompts:
         return []
+    unet, vae, text_encoder, tokenizer = model.unet, model.vae, model.text_encoder, model.tokenizer
     pipeline = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,

@@ -25,9 +25,8 @@ from diffusers import UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from meebs.dataset import DatasetScan
-from meebs.metadata import RunFacts, build_metadata, network_spec
+from meebs.metadata import RunFacts, build_metadata, recipe_network
 from meebs.models import SD15_CONFIGS, TINY_CONFIGS
-from meebs.network import build_network
 from meebs.plan import Plan
 from meebs.recipe import Recipe
 from meebs.safetensors_io import canonical_header
@@ -80,13 +79,7 @@ def network_shapes(recipe: Recipe) -> dict[str, tuple[int, ...]]:
     with torch.random.fork_rng(), init_empty_weights():
         unet = UNet2DConditionModel.from_config(unet_config)
         text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(text_config))
-        network = build_network(
-            unet,
-            text_encoder,
-            network_spec(recipe),
-            train_unet=recipe.unet_lr > 0,
-            train_text_encoder=recipe.text_encoder_lr > 0,
-        )
+        network = recipe_network(recipe, unet, text_encoder)
     return {key: tuple(value.shape) for key, value in network.state_dict().items()}
 
 

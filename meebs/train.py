@@ -49,8 +49,10 @@ from meebs.determinism import (
     NondeterminismWatch,
     apply_determinism,
     nondeterminism_warnings,
+    op_warnings,
 )
 from meebs.errors import MeebsError
+from meebs.hash_cache import cached_sha256
 from meebs.manifest import (
     MANIFEST_NAME,
     RecipeOrigin,
@@ -62,14 +64,14 @@ from meebs.manifest import (
     utc_now,
     write_manifest,
 )
-from meebs.metadata import RunFacts, build_metadata, network_spec
+from meebs.metadata import RunFacts, build_metadata, recipe_network
 from meebs.models import BaseModel, describe_base, load_base_model
-from meebs.network import build_network, count_modules, load_network_weights, save_network
+from meebs.network import count_modules, load_network_weights, save_network
 from meebs.optim import build_lr_scheduler, build_optimizer, param_groups
 from meebs.perf import PerfMeter
 from meebs.plan import bucket_assigner, make_plan, print_plan, scan_data
 from meebs.recipe import Recipe, recipe_differences, recipe_from_dict
-from meebs.runs import new_run_dir
+from meebs.runs import log_dir, new_run_dir
 from meebs.safetensors_io import file_sha256
 from meebs.sampling import generate_samples, recipe_prompts, sample_file_name
 from meebs.train_state import (
@@ -175,14 +177,8 @@ def prepare(recipe: Recipe, console: Console) -> Loop:
         determinism["nondeterministic_backends"].append(XFORMERS_BACKWARD)
 
     torch.manual_seed(recipe.train.seed)  # network init
-    train_unet, train_te = recipe.unet_lr > 0, recipe.text_encoder_lr > 0
-    network = build_network(
-        base.unet,
-        base.text_encoder,
-        network_spec(recipe),
-        train_unet=train_unet,
-        train_text_encoder=train_te,
-    )
+    train_te = recipe.text_encoder_lr > 0
+    network = recipe_network(recipe, base.unet, base.text_encoder)
     unet_modules, te_modules = count_modules(network)
     console.print(
         f"network: {recipe.network.algo}, {unet_modules} UNet + {te_modules} text-encoder modules"
@@ -212,7 +208,6 @@ def prepare(recipe: Recipe, console: Console) -> Loop:
         recipe, scan, plan, base, network, optimizer, lr_scheduler, accelerator, facts, prompts
     )
     loop.determinism = determinism
-    loop.data_manifest = data_manifest(scan)
     return loop
 
 
@@ -227,10 +222,9 @@ def run_segment(
     manifest["segments"].append(segment)
     manifest["status"] = "running"
     write_manifest(run_dir, manifest)
-    log_dir = Path(recipe.output.logging_dir) / run_dir.name if recipe.output.logging_dir else None
     # after a resume, events past the saved step (logged before the stop) are dropped
     writer = SummaryWriter(
-        log_dir=str(log_dir or run_dir / "logs"), purge_step=resumed_at + 1 if resumed_at else None
+        log_dir=str(log_dir(recipe, run_dir)), purge_step=resumed_at + 1 if resumed_at else None
     )
     watch = NondeterminismWatch()
     started = time.perf_counter()
@@ -247,9 +241,7 @@ def run_segment(
         )
         finish_manifest(manifest, loop, result, watch.ops)
         write_manifest(run_dir, manifest)
-    for message in nondeterminism_warnings(
-        {**loop.determinism, "nondeterministic_backends": []}, watch.ops
-    ):
+    for message in op_warnings(watch.ops):
         console.print(f"[yellow]not reproducible:[/yellow] {message}")
     if manifest["status"] == "finished":
         (run_dir / STATE_NAME).unlink(missing_ok=True)
@@ -330,14 +322,18 @@ class Loop:
         self.backgrounds = self._backgrounds()
         self.train_te = bool(network.text_encoder_loras) and recipe.text_encoder_lr > 0
         self.text_cache: dict[str, torch.Tensor] = {}
+        # each image hashed once: for the manifest and to address its cached latents
+        self.image_sha256 = {im.path: cached_sha256(im.path) for im in scan.unique_images}
+        self.data_manifest = data_manifest(scan, self.image_sha256)
         store = latent_io.latent_store() if recipe.data.cache_latents_to_disk else None
-        self.latent_cache = latent_io.LatentCache(base.vae, base.sha256, seed, store)
+        self.latent_cache = latent_io.LatentCache(
+            base.vae, base.sha256, seed, store, self.image_sha256
+        )
         self.step = 0
         self.perf = PerfMeter(acc.device)
         self.epoch_rng = self.data_rng.getstate()
-        self.resume_at: Position | None = None  # set by `restore`
+        self.resuming: TrainState | None = None  # set by `restore`
         self.determinism: dict = {}  # set by `prepare`
-        self.data_manifest: dict = {}
 
     # ---------------------------------------------------------------- state
     def _position(
@@ -375,13 +371,11 @@ class Loop:
         self.optimizer.load_state_dict(state.optimizer)
         self.lr_scheduler.load_state_dict(state.lr_scheduler)
         self.step = state.position.step
-        self.resume_at = state.position
-        self._saved_generators = state.generators
+        self.resuming = state
 
-    def _restore_generators(self) -> None:
+    def _restore_generators(self, saved: dict[str, torch.Tensor]) -> None:
         """After the latent cache is filled (which draws from a fresh VAE generator, as
         the first run did), every generator continues from its saved state."""
-        saved = self._saved_generators
         self.noise_gen.set_state(saved["noise"])
         self.vae_gen.set_state(saved["vae"])
         torch.set_rng_state(saved["torch"])
@@ -395,9 +389,10 @@ class Loop:
         samples = epoch_samples(self.scan)
         if recipe.data.cache_latents:
             self._cache_latents(samples, console, stop)
-        at, self.resume_at = self.resume_at, None
-        if at:
-            self._restore_generators()
+        resuming, self.resuming = self.resuming, None
+        at = resuming.position if resuming else None
+        if resuming:
+            self._restore_generators(resuming.generators)
         with self._progress(console) as progress:
             task = progress.add_task(
                 "train", total=plan.total_steps, completed=self.step, epoch=0, loss=0.0, lr=0.0
@@ -622,10 +617,7 @@ class Loop:
     def _samples(self, run_dir: Path, epoch: int, writer: SummaryWriter) -> None:
         base = self.base
         images = generate_samples(
-            unet=base.unet,
-            vae=base.vae,
-            text_encoder=base.text_encoder,
-            tokenizer=base.tokenizer,
+            base,
             prompts=self.prompts,
             device=self.accelerator.device,
             dtype=base.unet.dtype,

@@ -132,10 +132,7 @@ def test_merge_then_generate_equals_generate_with_network(tmp_path):
 
     def draw(model) -> np.ndarray:
         images = generate_samples(
-            unet=model.unet,
-            vae=model.vae,
-            text_encoder=model.text_encoder,
-            tokenizer=model.tokenizer,
+            model,
             prompts=[prompt],
             device="cpu",
             dtype=torch.float32,

@@ -173,10 +173,7 @@ def tiny_sd():
 
 def _generate(model, prompts, clip_skip=1):
     return generate_samples(
-        unet=model.unet,
-        vae=model.vae,
-        text_encoder=model.text_encoder,
-        tokenizer=model.tokenizer,
+        model,
         prompts=prompts,
         device="cpu",
         dtype=torch.float32,
