@@ -17,6 +17,10 @@ compose = env UID=$$(id -u) GID=$$(id -g) \
 RECIPE  ?= demo
 LOCAL   ?=
 ARGS    ?=
+GPUS    ?=
+# GPUS=N trains with N data-parallel processes through `accelerate launch` (N is checked
+# against the GPUs present first); multi-node: see README "Running faster / on several GPUs".
+gpus_arg = $(if $(GPUS),--gpus $(GPUS))
 
 recipe_file = $(if $(findstring /,$(RECIPE)),$(RECIPE),recipes/$(RECIPE).yaml)
 recipes     = $(patsubst recipes/%.yaml,%,$(wildcard recipes/*.yaml))
@@ -80,9 +84,9 @@ plan: docker-check ## show what RECIPE=... will do (LOCAL=1: in .venv)
 	$(check_recipe)
 	$(compose) run --rm trainer plan $(recipe_file) $(ARGS)
 
-train: gpu-check ## train RECIPE=... in the CUDA image (LOCAL=1: in .venv; ARGS="train.epochs=3")
+train: gpu-check ## train RECIPE=... in the CUDA image (GPUS=N; LOCAL=1: in .venv; ARGS="train.epochs=3")
 	$(check_recipe)
-	$(compose) run --rm trainer train $(recipe_file) $(ARGS)
+	$(compose) run --rm trainer train $(recipe_file) $(gpus_arg) $(ARGS)
 
 fetch-model: docker-check ## download SD 1.5 (models.lock.yaml) into the models volume, verify it
 	$(compose) run --rm trainer fetch-model $(or $(MODEL),sd15) --dest /app/models
@@ -96,7 +100,7 @@ plan: $(VENV)/.installed
 
 train: $(VENV)/.installed
 	$(check_recipe)
-	$(PY) entrypoint.py train $(recipe_file) $(ARGS)
+	$(PY) entrypoint.py train $(recipe_file) $(gpus_arg) $(ARGS)
 
 fetch-model: $(VENV)/.installed
 	$(PY) entrypoint.py fetch-model $(or $(MODEL),sd15) --dest models

@@ -55,7 +55,7 @@ fi
 
 # 3. Makefile routes, for every recipe. make -n prints the commands without running them;
 # variables a caller may have in the environment are cleared so the defaults are checked.
-mk() { env -u COMPOSE -u LOCAL -u RECIPE -u ARGS make --no-print-directory -n "$@" 2>&1; }
+mk() { env -u COMPOSE -u LOCAL -u RECIPE -u ARGS -u GPUS make --no-print-directory -n "$@" 2>&1; }
 
 shopt -s nullglob
 recipes=(recipes/*.yaml)
@@ -80,6 +80,15 @@ for file in "${recipes[@]}"; do
         show "$out"
     fi
 done
+
+# GPUS=N goes to the trainer, which checks N and starts accelerate's launcher itself.
+want="docker compose run --rm trainer train recipes/1.3.yaml --gpus 4"
+if out=$(mk train RECIPE=1.3 GPUS=4) && grep -qF -- "$want" <<<"$out"; then
+    ok "make -n train RECIPE=1.3 GPUS=4 runs: $want"
+else
+    fail "make -n train RECIPE=1.3 GPUS=4 does not run: $want"
+    show "$out"
+fi
 
 # 4. make reproduce: the demo reruns its recorded result in .venv (where it was recorded),
 # other recipes in the container.

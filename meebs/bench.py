@@ -1,16 +1,22 @@
 """`make bench`: how fast the trainer is, and how far from the floor.
 
 Each case runs in its own process so peak memory belongs to that case alone:
-- demo: the demo recipe through the real trainer (samples off);
+- demo: the demo model and network through the real trainer, one epoch on a plain
+  one-folder data set (samples and validation off);
+- demo-full: the demo recipe as `make demo` runs it (samples off, validation on): what
+  validation costs, as a share of the run's time;
 - sd15: the full-size SD 1.5 architecture (random weights) at 128 px, batch 2, the
-  1.3 network settings, through the real trainer, a few steps (`--set
-  data.resolution=512` for the real size on a GPU);
-- demo-floor, sd15-floor: the same model, network, optimizer, device and precision in a
-  bare loop with latents and caption tokens made once (no data loading, caching,
-  logging or saving): what a step costs at least.
-The trainer's overhead is its seconds per step over the floor's, first step excluded; each
-case runs several times (interleaved) and the median is shown, because on a small shared
-machine one process can be 20% slower than the next for no reason of its own.
+  1.3 network settings, through the real trainer (`--set data.resolution=512` for the
+  real size on a GPU; ci/gpu_bench.sh does that with the 1.3 recipe's settings);
+- sd15-lycoris, sd15-low-memory: the same with lycoris' own LoHA forward (the reference)
+  and with the low-memory layer (meebs.loha_layer) instead of the default "fast" one;
+- demo-floor, sd15-floor: the same model, network, layer path, optimizer, device and
+  precision in a bare loop with latents and caption tokens made once (no data loading,
+  caching, logging or saving): what a step costs at least.
+Seconds per step are the median step (the first excluded; saving and validation are not
+step time); each case runs several times (interleaved) and the median run is shown,
+because on a small shared machine one process can be 20% slower than the next for no
+reason of its own.
 
     python -m meebs.bench                 # all cases (the SD 1.5 ones take minutes on CPU)
     python -m meebs.bench --cases demo demo-floor --repeat 5
@@ -32,7 +38,16 @@ from pathlib import Path
 from meebs.cli import quiet_libraries
 
 REPO = Path(__file__).resolve().parent.parent
-CASES = ("demo", "demo-floor", "sd15", "sd15-floor")
+CASES = (
+    "demo",
+    "demo-floor",
+    "demo-full",
+    "sd15",
+    "sd15-floor",
+    "sd15-lycoris",
+    "sd15-low-memory",
+)
+LAYER_CASES = {"sd15-lycoris": "lycoris", "sd15-low-memory": "low-memory"}
 
 
 def bench_data(root: Path, images: int) -> Path:
@@ -48,6 +63,8 @@ def bench_data(root: Path, images: int) -> Path:
 
 
 def case_overrides(case: str, data_dir: Path, out_dir: Path) -> tuple[str, list[str]]:
+    if case == "demo-full":
+        return str(REPO / "recipes/demo.yaml"), [f"output.dir={out_dir}", "sample.every_n_epochs=0"]
     common = [
         f"data.train_dir={data_dir}",
         "data.reg_dir=null",
@@ -57,9 +74,12 @@ def case_overrides(case: str, data_dir: Path, out_dir: Path) -> tuple[str, list[
         "train.batch_size=2",
         "train.lr_warmup=0",
         "train.lr_scheduler=constant",
+        "validation.enabled=false",
     ]
     if case.startswith("sd15"):
         common += ["model.builtin=sd15-random", "data.resolution=128"]
+    if case in LAYER_CASES:
+        common += [f"train.loha_layer={LAYER_CASES[case]}"]
     return str(REPO / "recipes/demo.yaml"), common
 
 
@@ -70,7 +90,13 @@ def run_trainer(recipe_path: str, overrides: list[str]) -> dict[str, float]:
     from meebs.train import train
 
     result = train(load_recipe(recipe_path, overrides), Console(quiet=True))
-    return result.perf
+    manifest = json.loads(result.manifest.read_text())
+    return {
+        **result.perf,
+        "run_s": manifest["duration_s"],
+        "validation_s": result.validation_s,
+        "fallbacks": manifest["fallbacks"],
+    }
 
 
 def run_floor(recipe_path: str, overrides: list[str], steps: int) -> dict[str, float]:
@@ -79,6 +105,8 @@ def run_floor(recipe_path: str, overrides: list[str], steps: int) -> dict[str, f
     import torch
     import torch.nn.functional as F
 
+    from meebs.determinism import apply_determinism
+    from meebs.loha_layer import use_layer_path
     from meebs.metadata import network_spec
     from meebs.models import load_base_model
     from meebs.network import build_network
@@ -90,11 +118,12 @@ def run_floor(recipe_path: str, overrides: list[str], steps: int) -> dict[str, f
 
     recipe = load_recipe(recipe_path, overrides)
     train = recipe.train
-    torch.set_num_threads(train.threads)
+    apply_determinism(recipe)  # the trainer's kernel settings (and threads), so alike is timed
     accelerator, _ = make_accelerator(recipe)
     base = load_base_model(builtin=recipe.model.builtin, path=None, sha256=None, allow_pickle=False)
     torch.manual_seed(train.seed)
     network = build_network(base.unet, base.text_encoder, network_spec(recipe))
+    use_layer_path(network.loras, train.loha_layer)
     place_models(base, network, accelerator, recipe, train_te=True)
     optimizer, _, _ = build_optimizer(param_groups(network, recipe), recipe)
     optimizer = accelerator.prepare(optimizer)
@@ -146,7 +175,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.one:
         quiet_libraries()
-        steps = args.steps or (6 if args.one.startswith("sd15") else 30)
+        steps = args.steps or (11 if args.one.startswith("sd15") else 30)
         print(json.dumps(run_case(args.one, steps, args.set)))
         return
     runs: dict[str, list[dict[str, float]]] = {case: [] for case in args.cases}
@@ -193,9 +222,7 @@ def print_table(results: dict[str, dict[str, float]]) -> None:
         table.add_column(column, justify="right" if column != "case" else "left")
     for case, perf in results.items():
         floor = results.get(f"{case}-floor")
-        overhead = (
-            f"{perf['seconds_per_step'] / floor['seconds_per_step'] - 1:+.1%}" if floor else ""
-        )
+        overhead = f"{ratio(perf, floor, 'seconds_per_step')}" if floor else ""
         table.add_row(
             case,
             f"{perf['steps']:.0f}",
@@ -209,7 +236,33 @@ def print_table(results: dict[str, dict[str, float]]) -> None:
     console = Console()
     console.print(table)
     console.print("* seconds from process start (imports, model build, caching) to the first step")
+    for line in ratio_lines(results):
+        console.print(line)
     print(json.dumps(results, indent=2, sort_keys=True))
+
+
+def ratio(perf: dict, reference: dict, key: str) -> str:
+    return f"{perf[key] / reference[key]:.2f}x"
+
+
+def ratio_lines(results: dict[str, dict]) -> list[str]:
+    """The ratios we track: LoHA layer paths against lycoris' own, validation's share."""
+    lines = []
+    stock = results.get("sd15-lycoris")
+    memory = ["peak_rss_gib"] + (["peak_cuda_gib"] if stock and "peak_cuda_gib" in stock else [])
+    for case, name in (("sd15", "fast"), ("sd15-low-memory", "low-memory")):
+        if stock and case in results:
+            parts = [f"s/step {ratio(results[case], stock, 'seconds_per_step')}"]
+            parts += [f"{key} {ratio(results[case], stock, key)}" for key in memory]
+            lines.append(f"{name} layer / lycoris' own: {', '.join(parts)}")
+    full = results.get("demo-full")
+    if full:
+        share = full["validation_s"] / full["run_s"]
+        lines.append(
+            f"demo validation: {full['validation_s']:.1f} s of the {full['run_s']:.1f} s run "
+            f"({share:.1%})"
+        )
+    return lines
 
 
 if __name__ == "__main__":

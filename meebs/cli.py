@@ -9,7 +9,7 @@
     python entrypoint.py record outputs/meebs_demo/RUN   # into results/<recipe>/
     python entrypoint.py keys          # every recipe key, its default and meaning
     python entrypoint.py fetch-model sd15 [--dest models]   # download a pinned base model
-    python entrypoint.py merge net.safetensors:0.8 --into merged --model PATH  # bake in
+    python entrypoint.py merge net.safetensors:0.8 --into merged.safetensors --model PATH  # bake in
     python entrypoint.py import-kohya config.json > recipes/x.yaml   # kohya_ss GUI config
     python entrypoint.py export-kohya recipes/1.3.yaml > config.json # for the kohya_ss GUI
     python entrypoint.py tensorboard   # TensorBoard on outputs/ [--host H] [--port P]
@@ -58,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.epochs=3")
     train = commands.choices["train"]
     train.add_argument("--resume", metavar="RUN", help="run folder to continue where it stopped")
+    train.add_argument(
+        "--gpus", type=int, metavar="N", help="N data-parallel processes via accelerate launch"
+    )
     text = "rerun a recorded run and report bit-identical, or what differs and by how much"
     reproduce = commands.add_parser("reproduce", help=text, description=text)
     reproduce.add_argument("run", nargs="?", help="run folder or results file")
@@ -86,12 +89,23 @@ def _parser() -> argparse.ArgumentParser:
     fetch.add_argument("name", help="model name in models.lock.yaml, e.g. sd15")
     fetch.add_argument("--dest", default="models", help="folder (default: %(default)s)")
     fetch.add_argument("--pins", default=None, help="pins file (default: models.lock.yaml)")
-    text = "bake networks into the base model: a pinned diffusers folder for ComfyUI or training"
+    text = "bake networks into the base model: a pinned checkpoint file (A1111/ComfyUI) or folder"
     merge = commands.add_parser("merge", help=text, description=text)
     merge.add_argument("networks", nargs="+", metavar="NETWORK[:W]", help="weight W default 1")
-    merge.add_argument("--into", required=True, metavar="DIR", help="new folder (must not exist)")
+    merge.add_argument(
+        "--into",
+        required=True,
+        metavar="FILE.safetensors|DIR",
+        help="new LDM single file, or a diffusers folder if no suffix (must not exist)",
+    )
     merge.add_argument("--model", required=True, help="builtin:NAME or a checkpoint PATH")
     merge.add_argument("--sha256", default=None, help="the base model's pin, checked first")
+    merge.add_argument(
+        "--save-precision",
+        choices=("fp16", "fp32"),
+        default=None,
+        help="weights' dtype (default: fp16 for a .safetensors file, fp32 for a folder)",
+    )
     _add_generate(commands)
     text = "one labelled PNG: a run's sample prompts x its epoch files [x weights]"
     grid = commands.add_parser("grid", help=text, description=text)
@@ -124,10 +138,24 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _without_option(argv: list[str], option: str) -> list[str]:
+    """`argv` less `option VALUE` / `option=VALUE`: the launched processes' arguments."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == option:
+            skip = True
+        elif not arg.startswith(option + "="):
+            kept.append(arg)
+    return kept
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
     args.command_line = shlex.join(["entrypoint.py", *argv])  # recorded in the manifest
+    args.without_gpus = _without_option(argv[1:], "--gpus")
     console = Console()
     quiet_libraries()
     try:
@@ -175,6 +203,10 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         return 0
     if args.command in ("reproduce", "compare", "record"):
         return _reproduce(args, console)
+    if args.command == "train" and args.gpus is not None:
+        from meebs.launch import launch
+
+        launch(args.gpus, args.without_gpus)  # returns only for one GPU
     if args.command == "train" and args.resume:
         return _resume(args, console)
     if args.recipe is None:

@@ -69,6 +69,8 @@ class DatasetScan:
     train: tuple[Subset, ...]
     reg: tuple[Subset, ...]
     warnings: tuple[str, ...]
+    held_out: tuple[ImageItem, ...] = ()
+    """Validation images (meebs.validation_split): never trained on, not in `train`."""
 
     @property
     def num_train_images(self) -> int:

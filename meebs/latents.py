@@ -102,6 +102,7 @@ class LatentCache:
         self.vae, self.model_sha256, self.seed, self.store = vae, model_sha256, seed, store
         self.image_sha256 = image_sha256
         self.latents: dict[Variant, torch.Tensor] = {}
+        self.device = next(vae.parameters()).device
         self.encoded = self.reused = 0
         self.warnings: list[str] = []
 
@@ -118,7 +119,7 @@ class LatentCache:
                 self.encoded += 1
             else:
                 self.reused += 1
-            self.latents[variant] = latent
+            self.latents[variant] = latent.to(self.device)  # read in the step, never moved
             yield done
 
     def batch(self, variants: list[Variant]) -> torch.Tensor:

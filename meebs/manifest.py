@@ -30,6 +30,7 @@ from meebs import __version__
 from meebs.atomic_write import write_text_atomic
 from meebs.dataset import DatasetScan
 from meebs.errors import MeebsError
+from meebs.hash_cache import cached_sha256
 from meebs.recipe import Recipe
 
 FORMAT = 1
@@ -55,6 +56,19 @@ def data_manifest(scan: DatasetScan, image_sha256: dict[Path, str]) -> dict[str,
         }
         for subset in scan.train + scan.reg
         for image in subset.images
+    ]
+    # validation images are inputs too: held out of a training folder, or validation.folder's
+    train_folders = {subset.folder for subset in scan.train}
+    files += [
+        {
+            "path": f"{'train' if image.path.parent in train_folders else 'val'}/"
+            f"{image.subset}/{image.path.name}",
+            "sha256": image_sha256.get(image.path) or cached_sha256(image.path),
+            "caption": image.caption,
+            "repeats": 0,
+            "validation": True,
+        }
+        for image in scan.held_out
     ]
     canonical = json.dumps(files, sort_keys=True, separators=(",", ":"))
     return {"files": files, "sha256": hashlib.sha256(canonical.encode()).hexdigest()}

@@ -6,8 +6,11 @@ formula, not lycoris' `merge_to`, REFERENCE §9), scaled by the weight and added
 layer the kohya name points at. Every key must land on a layer of the right shape: a
 file for another architecture stops the merge before anything is written.
 
-The result is a diffusers folder (text encoder with `text_model.` keys, as ComfyUI's
-loader expects) plus `<folder>.sha256`, so it can be trained on or generated with as
+The result is either a single `.safetensors` checkpoint in the original LDM layout
+(`--into NAME.safetensors`, what AUTOMATIC1111 and ComfyUI load from their checkpoints
+folder; fp16 by default, like published checkpoints) or a diffusers folder (`--into DIR`;
+text encoder with `text_model.` keys, as ComfyUI's loader expects; fp32 by default, as
+before). Either comes with `<name>.sha256`, so it can be trained on or generated with as
 `model.path` + `model.sha256`.
 """
 
@@ -28,8 +31,14 @@ from meebs.deltas import MARKERS, module_delta
 from meebs.diffusers_export import save_diffusers_folder
 from meebs.errors import MeebsError
 from meebs.kohya_names import kohya_layers, looks_like_sdxl
-from meebs.models import BaseModel, load_base_model
+from meebs.ldm_export import save_ldm_file
+from meebs.models import PICKLE_SUFFIXES, BaseModel, load_base_model
 from meebs.network import load_tensors
+
+PRECISIONS = {"fp16": torch.float16, "fp32": torch.float32}
+# The default when --save-precision is not given: a single file is shared and loaded
+# like a published checkpoint (fp16, half the size); a folder keeps what it always was.
+DEFAULT_PRECISION = {"file": "fp16", "folder": "fp32"}
 
 
 @dataclass(frozen=True)
@@ -99,10 +108,16 @@ def merge(
     builtin: str | None,
     model_path: Path | None,
     sha256: str | None,
+    save_precision: str | None = None,
 ) -> str:
-    """Merge `networks` into the base model and write `into` + `into.sha256`; return the pin."""
+    """Merge `networks` into the base model and write `into` + `into.sha256`; return the pin.
+
+    `into` ending in `.safetensors` is a single LDM-layout file, anything else a folder.
+    """
     into = Path(into)
     pin_file = pin_path(into)
+    kind = output_kind(into)
+    dtype = PRECISIONS[save_precision or DEFAULT_PRECISION[kind]]
     for target in (into, pin_file):
         if target.exists():
             raise MeebsError(f"{target} already exists; refusing to overwrite it")
@@ -117,9 +132,25 @@ def merge(
             merge_into(model.unet, model.text_encoder, modules, network.weight)
         except MeebsError as error:
             raise MeebsError(f"{network.path}: {error}") from None
-    digest = save_diffusers_folder(model, into)
+    if kind == "file":
+        digest = save_ldm_file(model, into, dtype)
+    else:
+        for part in (model.unet, model.vae, model.text_encoder):
+            part.to(dtype)
+        digest = save_diffusers_folder(model, into)
     write_text_atomic(pin_file, f"{digest}  {into.name}\n")
     return digest
+
+
+def output_kind(into: Path) -> str:
+    """ "file" for `NAME.safetensors`, "folder" for anything else; pickle names are refused."""
+    suffix = Path(into).suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        raise MeebsError(
+            f"{into}: merge writes no pickle files; name it {Path(into).stem}.safetensors "
+            "for a single checkpoint, or give a folder name without a suffix"
+        )
+    return "file" if suffix == ".safetensors" else "folder"
 
 
 def pin_path(into: Path) -> Path:
@@ -139,7 +170,12 @@ def run_merge(args: argparse.Namespace, console: Console) -> int:
     model_path = None if builtin is not None else Path(args.model)
     networks = [parse_network_arg(text) for text in args.networks]
     digest = merge(
-        networks, Path(args.into), builtin=builtin, model_path=model_path, sha256=args.sha256
+        networks,
+        Path(args.into),
+        builtin=builtin,
+        model_path=model_path,
+        sha256=args.sha256,
+        save_precision=args.save_precision,
     )
     for line in (
         f"{args.into}\nsha256 {digest}",

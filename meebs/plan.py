@@ -21,13 +21,14 @@ from rich.table import Table
 from meebs.buckets import bucket_for, make_buckets
 from meebs.dataset import DatasetScan, ImageItem, count_batches, epoch_samples, scan_dataset
 from meebs.recipe import Recipe
+from meebs.validation_split import split_scan
 
 
 @dataclass(frozen=True)
 class Plan:
     train_samples: int  # training images x repeats, per epoch
     reg_samples: int  # balanced reg samples per epoch (about train_samples, as sd-scripts)
-    batches_per_epoch: int
+    batches_per_epoch: int  # of batch_size x processes samples, split between processes
     steps_per_epoch: int  # optimizer steps (after gradient accumulation)
     epochs: int
     warmup_steps: int
@@ -35,6 +36,7 @@ class Plan:
     kohya_gui_steps: int  # what kohya_ss computed for max_train_steps
     files: tuple[tuple[int, str], ...]  # (epoch, file name) in the order written
     bucket_counts: tuple[tuple[tuple[int, int], int], ...]
+    processes: int = 1  # data-parallel processes (GPUs), each with its slice of a batch
 
     @property
     def total_steps(self) -> int:
@@ -71,21 +73,24 @@ def epoch_file_names(name: str, epochs: int, save_every: int) -> list[tuple[int,
 
 
 def scan_data(recipe: Recipe) -> DatasetScan:
-    """Read the recipe's training and regularization folders."""
+    """Read the recipe's training and regularization folders, less validation's images."""
     data = recipe.data
-    return scan_dataset(
+    scan = scan_dataset(
         Path(data.train_dir),
         Path(data.reg_dir) if data.reg_dir else None,
         data.caption_extension,
         (data.resolution[0], data.resolution[1]),
     )
+    return split_scan(recipe, scan)  # validation images leave the training set here
 
 
-def make_plan(recipe: Recipe, scan: DatasetScan) -> Plan:
+def make_plan(recipe: Recipe, scan: DatasetScan, processes: int = 1) -> Plan:
+    """The step math; N processes train on batches N times `batch_size` (each process
+    takes one slice), so an epoch has fewer, larger steps."""
     train = recipe.train
     samples = epoch_samples(scan)
     assign = bucket_assigner(recipe)
-    batches = count_batches(samples, assign, train.batch_size)
+    batches = count_batches(samples, assign, train.batch_size * processes)
     steps_per_epoch = math.ceil(batches / train.gradient_accumulation_steps)
     total = steps_per_epoch * train.epochs
     n_train = scan.train_samples_per_epoch
@@ -113,6 +118,7 @@ def make_plan(recipe: Recipe, scan: DatasetScan) -> Plan:
             epoch_file_names(recipe.output.name, train.epochs, recipe.output.save_every_n_epochs)
         ),
         bucket_counts=tuple(sorted(counts.items())),
+        processes=processes,
     )
 
 
@@ -140,7 +146,14 @@ def print_plan(recipe: Recipe, scan: DatasetScan, plan: Plan, console: Console) 
     accum = f" / grad accumulation {train.gradient_accumulation_steps}"
     steps.add_row("samples per epoch (train + reg)", str(plan.train_samples + plan.reg_samples))
     steps.add_row("buckets (resolution: samples)", _buckets_text(plan))
-    steps.add_row(f"batches per epoch (batch {train.batch_size})", str(plan.batches_per_epoch))
+    batch = train.batch_size * plan.processes
+    if plan.processes > 1:
+        effective = batch * train.gradient_accumulation_steps
+        steps.add_row(
+            "processes (GPUs)",
+            f"{plan.processes} x batch {train.batch_size} = {batch}; effective {effective}",
+        )
+    steps.add_row(f"batches per epoch (batch {batch})", str(plan.batches_per_epoch))
     steps.add_row(f"steps per epoch{accum}", str(plan.steps_per_epoch))
     steps.add_row("epochs", str(plan.epochs))
     steps.add_row("total steps", f"[bold]{plan.total_steps}[/bold]")
@@ -160,6 +173,8 @@ def print_plan(recipe: Recipe, scan: DatasetScan, plan: Plan, console: Console) 
     from meebs.size_estimate import estimate_network_file  # it imports this module
 
     console.print(f"Each network file: {estimate_network_file(recipe, scan, plan).describe()}")
+    if scan.held_out:
+        _print_held_out(recipe, scan, plan, console)
     keep = recipe.output.keep_last_n_epochs
     if keep is not None:
         console.print(f"Only the last {keep} epoch file(s) are kept; older ones are removed.")
@@ -169,3 +184,23 @@ def print_plan(recipe: Recipe, scan: DatasetScan, plan: Plan, console: Console) 
 
 def _buckets_text(plan: Plan) -> str:
     return ", ".join(f"{w}x{h}: {n}" for (w, h), n in plan.bucket_counts)
+
+
+def _print_held_out(recipe: Recipe, scan: DatasetScan, plan: Plan, console: Console) -> None:
+    """The validation images, and a warning when holding them out made a short batch."""
+    val = recipe.validation
+    where = f"folder {val.folder}" if val.folder else f"held out of training (seed {val.seed})"
+    held = Table(title=f"Validation images: {where}", title_justify="left")
+    held.add_column("image")
+    held.add_column("caption")
+    for image in scan.held_out:
+        held.add_row(str(image.path), image.caption)
+    console.print(held)
+    samples = plan.train_samples + plan.reg_samples
+    batch = recipe.train.batch_size
+    if val.folder is None and samples % batch:
+        console.print(
+            f"[yellow]warning:[/yellow] with {len(scan.held_out)} image(s) held out, the "
+            f"{samples} samples per epoch no longer divide by batch size {batch}: each epoch "
+            "ends with a short batch"
+        )

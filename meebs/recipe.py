@@ -143,7 +143,13 @@ class TrainSection:
     max_grad_norm: float = knob(1.0, "gradient clipping norm (0 = off)", lo=0.0)
     attention: Literal["sdpa", "xformers"] = knob("sdpa", "attention backend")
     gradient_checkpointing: bool = knob(False, "trade compute for memory")
+    loha_layer: Literal["fast", "low-memory", "lycoris"] = knob(
+        "fast", "LoHA training layer: same function; low-memory saves RAM/VRAM, lycoris = stock"
+    )
     threads: int = knob(2, "CPU threads (part of the result: it changes the bits)", lo=1)
+    log_every_n_steps: int = knob(
+        10, "read losses back and log them every N steps (each read waits for the GPU)", lo=1
+    )
     deterministic: bool = knob(
         True, "deterministic kernels, TF32 off (off: faster on GPU, bits may differ)"
     )
@@ -164,6 +170,34 @@ class SampleSection:
 
 
 @dataclass(frozen=True)
+class ValidationSection:
+    """Held-out images scored during training, to pick the epoch that learned most."""
+
+    enabled: bool = knob(False, "score held-out images and class drift; recommend an epoch")
+    fraction: float = knob(
+        0.1, "share of each training folder held out (at least 1 image per folder)", lo=0.0, hi=1.0
+    )
+    seed: int = knob(
+        0, "seed of the held-out split (its own: changing it changes only the split)", lo=0
+    )
+    folder: str | None = knob(
+        None, "validation folder in kohya layout, used instead of holding out `fraction`"
+    )
+    every_n_epochs: int = knob(
+        1, "evaluate every N epochs (and at epoch 0 and every saved epoch)", lo=1
+    )
+    timesteps: int = knob(
+        8, "noise levels per image, spread evenly over the schedule", lo=3, hi=1000
+    )
+    class_images: int = knob(8, "reg images scored for class drift (a fixed subset)", lo=1)
+    drift_tolerance: float = knob(
+        0.05,
+        "largest class drift allowed for the recommendation, as a share of the base loss",
+        lo=0.0,
+    )
+
+
+@dataclass(frozen=True)
 class Recipe:
     """A fully resolved, validated recipe."""
 
@@ -173,6 +207,7 @@ class Recipe:
     network: NetworkSection = field(default_factory=NetworkSection)
     train: TrainSection = field(default_factory=TrainSection)
     sample: SampleSection = field(default_factory=SampleSection)
+    validation: ValidationSection = field(default_factory=ValidationSection)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -466,6 +501,9 @@ def _check_combinations(recipe: Recipe, where: str) -> None:
         fail("network.use_tucker", "Tucker applies to 3x3 convs, but network.conv_dim is 0")
     if recipe.sample.every_n_epochs and not (recipe.sample.prompts or recipe.sample.prompt_file):
         fail("sample.every_n_epochs", "set sample.prompts or sample.prompt_file as well")
+    val = recipe.validation
+    if val.enabled and val.folder is None and not 0 < val.fraction < 1:
+        fail("validation.fraction", "must be between 0 and 1 (exclusive), or set validation.folder")
 
 
 def documented_keys() -> list[tuple[str, str, str, str]]:

@@ -13,7 +13,8 @@ the same bytes. `python -m meebs.synthetic data` (`make data`) writes, under `da
   It is written here only because the data is drawn; for real data a person writes it.
 - `reg/1_person/`: plain people to regularize the class "person" with.
 - `img_1.1/`: version 1.1, made from 1.0 by `meebs.prep` exactly as `PREP_1_1` says.
-- `demo/`: what the CPU demo trains on: the first images of 1.1 and of `reg`.
+- `demo/`: what the CPU demo trains on: the first images of 1.1 and of `reg`, and the
+  next image of 1.1 held out for validation (`demo/val/`).
 
 Images are 512 px, the training resolution of the real recipes; the whole of `data/`
 stays a few MB because the drawings are flat colours that PNG compresses well.
@@ -178,14 +179,16 @@ def write_reg_set(folder: Path, rng: random.Random) -> None:
 
 
 def write_demo(data: Path) -> None:
-    """Copy the first images of 1.1 and of the reg set, with captions, into `demo/`."""
+    """Copy the first images of 1.1 and of the reg set, with captions, into `demo/`, and
+    the next image of 1.1 into `demo/val/` (the demo's held-out validation image)."""
     clean_subset = data / CLEAN_FOLDER / PREP_1_1.target_folder(RAW_SUBSET)
-    for source, target in (
-        (clean_subset, data / "demo" / "train" / clean_subset.name),
-        (data / REG_SUBSET, data / "demo" / REG_SUBSET),
+    for source, target, chosen in (
+        (clean_subset, data / "demo" / "train" / clean_subset.name, slice(DEMO_COUNT)),
+        (data / REG_SUBSET, data / "demo" / REG_SUBSET, slice(DEMO_COUNT)),
+        (clean_subset, data / "demo" / "val" / "1_meeb", slice(DEMO_COUNT, DEMO_COUNT + 1)),
     ):
         target.mkdir(parents=True)
-        for image in sorted(source.glob("*.png"))[:DEMO_COUNT]:
+        for image in sorted(source.glob("*.png"))[chosen]:
             for path in (image, image.with_suffix(".txt")):
                 shutil.copyfile(path, target / path.name)
 

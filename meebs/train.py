@@ -8,19 +8,25 @@ recipe, so the same recipe on the same machine gives the same bytes.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import random
+import shutil
 import signal
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, gather_object
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -53,6 +59,7 @@ from meebs.determinism import (
 )
 from meebs.errors import MeebsError
 from meebs.hash_cache import cached_sha256
+from meebs.loha_layer import use_layer_path
 from meebs.manifest import (
     MANIFEST_NAME,
     RecipeOrigin,
@@ -83,8 +90,32 @@ from meebs.train_state import (
     rng_to_json,
     save_state,
 )
+from meebs.validation import RESULT_NAME as VALIDATION_NAME
+from meebs.validation import Validator
 
+RANK_SEED_STRIDE = 1000  # process r's VAE sampling generator: seed + 1000 r + 2
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor onto `device` without making the host wait for the GPU's queue
+    (pinned memory, asynchronous copy); a plain move elsewhere."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+class Batch(NamedTuple):
+    variants: list[latent_io.Variant]
+    items: list[ImageItem]
+    captions: list[str]
+    noise_seeds: list[int]
+
+
+def noise_seed(seed: int, epoch: int, batch: int, slot: int) -> int:
+    """The seed of one sample's noise and timestep: its place in the run, not in a process."""
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{batch}/{slot}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # manual_seed takes < 2**63 everywhere
 
 
 @dataclass
@@ -95,6 +126,9 @@ class RunResult:
     steps: int = 0
     interrupted: bool = False
     perf: dict[str, float] = field(default_factory=dict)
+    validation: dict = field(default_factory=dict)  # validation.json's content, when enabled
+    recommended_epoch: int | None = None
+    validation_s: float = 0.0  # seconds spent evaluating
 
     @property
     def manifest(self) -> Path:
@@ -104,9 +138,10 @@ class RunResult:
 def train(
     recipe: Recipe, console: Console, command: str = "", origin: RecipeOrigin | None = None
 ) -> RunResult:
-    """A new run of `recipe` in a new run folder."""
+    """A new run of `recipe` in a new run folder (the main process's; the others, which
+    compute the same network, write theirs to a temporary folder)."""
     loop = prepare(recipe, console)
-    run_dir = new_run_dir(recipe)
+    run_dir = new_run_dir(recipe) if loop.accelerator.is_main_process else _scratch_dir(loop)
     write_text_atomic(run_dir / "recipe.yaml", recipe.to_yaml())
     manifest = new_manifest(
         run_id=run_dir.name,
@@ -119,7 +154,23 @@ def train(
         determinism=loop.determinism,
         planned_steps=loop.plan.total_steps,
     )
-    return run_segment(loop, RunResult(run_dir), manifest, console, command)
+    manifest["processes"] = {"count": loop.plan.processes}
+    return _run_in(loop, RunResult(run_dir), manifest, console, command)
+
+
+def _scratch_dir(loop: Loop) -> Path:
+    """Where a process other than the main one writes its (identical) files."""
+    return Path(tempfile.mkdtemp(prefix=f"meebs-rank{loop.accelerator.process_index}-"))
+
+
+def _run_in(
+    loop: Loop, result: RunResult, manifest: dict, console: Console, command: str
+) -> RunResult:
+    try:
+        return run_segment(loop, result, manifest, console, command)
+    finally:
+        if not loop.accelerator.is_main_process:
+            shutil.rmtree(result.run_dir, ignore_errors=True)
 
 
 def resume(
@@ -149,22 +200,30 @@ def resume(
             f"{run_dir}: inputs changed since the run stopped: {'; '.join(changed)}; "
             "restore them to resume, or train again"
         )
+    processes = manifest.get("processes", {}).get("count", 1)
+    if processes != loop.plan.processes:
+        raise MeebsError(
+            f"{run_dir}: the run was trained by {processes} process(es) and this is "
+            f"{loop.plan.processes}; resume it with GPUS={processes}"
+        )
     loop.restore(state)
-    result = RunResult(run_dir, files=[run_dir / name for name in state.position.files])
+    out_dir = run_dir if loop.accelerator.is_main_process else _scratch_dir(loop)
+    result = RunResult(out_dir, files=[out_dir / name for name in state.position.files])
     result.epoch_losses = list(state.position.epoch_losses)
     console.print(f"resuming {run_dir} at step {loop.step} of {loop.plan.total_steps}")
-    return run_segment(loop, result, manifest, console, command)
+    return _run_in(loop, result, manifest, console, command)
 
 
 def prepare(recipe: Recipe, console: Console) -> Loop:
     """Everything before the first step: data, plan, base model, network, optimizer."""
     determinism = apply_determinism(recipe)
+    accelerator, fallbacks = make_accelerator(recipe)
+    console.quiet = console.quiet or not accelerator.is_main_process  # one process speaks
     scan = scan_data(recipe)
-    plan = make_plan(recipe, scan)
+    plan = make_plan(recipe, scan, accelerator.num_processes)
     prompts = recipe_prompts(recipe)  # a bad prompt line stops the run now, not after epoch 1
     print_plan(recipe, scan, plan, console)
 
-    accelerator, fallbacks = make_accelerator(recipe)
     base = load_base_model(
         builtin=recipe.model.builtin,
         path=Path(recipe.model.path) if recipe.model.path else None,
@@ -180,11 +239,14 @@ def prepare(recipe: Recipe, console: Console) -> Loop:
     train_te = recipe.text_encoder_lr > 0
     network = recipe_network(recipe, base.unet, base.text_encoder)
     unet_modules, te_modules = count_modules(network)
-    console.print(
-        f"network: {recipe.network.algo}, {unet_modules} UNet + {te_modules} text-encoder modules"
-    )
     if recipe.network.weights:
         load_network_weights(network, Path(recipe.network.weights))
+    routed = use_layer_path(network.loras, recipe.train.loha_layer)
+    layer = f", {recipe.train.loha_layer} layer path on {routed}" if routed else ""
+    console.print(
+        f"network: {recipe.network.algo}, {unet_modules} UNet + {te_modules} text-encoder "
+        f"modules{layer}"
+    )
     place_models(base, network, accelerator, recipe, train_te)
     optimizer, optimizer_name, notes = build_optimizer(param_groups(network, recipe), recipe)
     fallbacks += notes
@@ -231,6 +293,8 @@ def run_segment(
     try:
         with stop_on_ctrl_c() as stop, watch.watching():
             loop.run(result, writer, console, stop)
+        if loop.plan.processes > 1:
+            check_processes_agree(loop, manifest, console)
     finally:
         writer.close()
         segment.update(
@@ -248,6 +312,21 @@ def run_segment(
     return result
 
 
+def check_processes_agree(loop: Loop, manifest: dict, console: Console) -> None:
+    """Every process must end with the same network: record each one's digest, and say
+    so loudly if they drifted apart (the main process's files are the run's result)."""
+    digest = hashlib.sha256()
+    for _, tensor in sorted(loop.network.state_dict().items()):
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    digests = gather_object([digest.hexdigest()])
+    manifest["processes"]["network_sha256"] = digests
+    if len(set(digests)) > 1:
+        console.print(
+            "[red]warning:[/red] the processes ended with different networks "
+            f"({', '.join(d[:12] for d in digests)}); the main process's files were kept"
+        )
+
+
 def finish_manifest(manifest: dict, loop: Loop, result: RunResult, ops: set[str]) -> None:
     """The run's outcome: status, files and their sha256, losses, times."""
     done = result.steps == loop.plan.total_steps and not result.interrupted
@@ -261,6 +340,8 @@ def finish_manifest(manifest: dict, loop: Loop, result: RunResult, ops: set[str]
     manifest["determinism"]["nondeterministic_ops"] = sorted(ops_seen)
     manifest["fallbacks"] = list(loop.facts.fallbacks)
     manifest["perf"] = result.perf
+    if result.validation:
+        manifest["validation"] = result.validation
     manifest["finished_at"] = utc_now()
     manifest["duration_s"] = round(sum(s.get("duration_s", 0.0) for s in manifest["segments"]), 3)
 
@@ -272,7 +353,13 @@ def make_accelerator(recipe: Recipe) -> tuple[Accelerator, list[str]]:
     if not torch.cuda.is_available() and precision != "no":
         fallbacks.append(f"mixed_precision {precision} needs a CUDA GPU; training in fp32")
         precision = "no"
-    accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+    # split_batches: each step's batch is split between the processes (`_epoch_plan`), so
+    # accelerate must step the LR schedule once per step, not once per process
+    accelerator = Accelerator(
+        mixed_precision=precision,
+        cpu=not torch.cuda.is_available(),
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
+    )
     return accelerator, fallbacks
 
 
@@ -316,8 +403,9 @@ class Loop:
         self.accelerator, self.facts, self.prompts = acc, facts, prompts
         seed = recipe.train.seed
         self.data_rng = random.Random(seed)  # batch order, flips, caption shuffle/dropout
-        self.noise_gen = torch.Generator().manual_seed(seed + 1)  # noise, timesteps
-        self.vae_gen = torch.Generator().manual_seed(seed + 2)  # latent sampling, uncached
+        # noise and timesteps are seeded per sample (`noise_seed`); VAE sampling per process
+        rank_seed = seed + RANK_SEED_STRIDE * acc.process_index
+        self.vae_gen = torch.Generator().manual_seed(rank_seed + 2)  # latent sampling, uncached
         self.assign_bucket = bucket_assigner(recipe)
         self.backgrounds = self._backgrounds()
         self.train_te = bool(network.text_encoder_loras) and recipe.text_encoder_lr > 0
@@ -329,7 +417,9 @@ class Loop:
         self.latent_cache = latent_io.LatentCache(
             base.vae, base.sha256, seed, store, self.image_sha256
         )
+        self.alphas_cumprod = base.noise_scheduler.alphas_cumprod.to(acc.device)
         self.step = 0
+        self._pending: list[tuple[int, int, dict[str, float]]] = []  # steps not yet logged
         self.perf = PerfMeter(acc.device)
         self.epoch_rng = self.data_rng.getstate()
         self.resuming: TrainState | None = None  # set by `restore`
@@ -346,12 +436,12 @@ class Loop:
             epoch_rng=rng_to_json(self.epoch_rng),
             data_rng=rng_to_json(self.data_rng.getstate()),
             epoch_losses=list(result.epoch_losses),
-            losses=list(losses),
+            losses=torch.stack(losses).tolist() if losses else [],
             files=[f.name for f in result.files],
         )
 
     def _save_state(self, run_dir: Path, position: Position) -> None:
-        generators = {"noise": self.noise_gen.get_state(), "vae": self.vae_gen.get_state()}
+        generators = {"vae": self.vae_gen.get_state()}
         generators["torch"] = torch.get_rng_state()
         if torch.cuda.is_available():
             for index, state in enumerate(torch.cuda.get_rng_state_all()):
@@ -376,7 +466,6 @@ class Loop:
     def _restore_generators(self, saved: dict[str, torch.Tensor]) -> None:
         """After the latent cache is filled (which draws from a fresh VAE generator, as
         the first run did), every generator continues from its saved state."""
-        self.noise_gen.set_state(saved["noise"])
         self.vae_gen.set_state(saved["vae"])
         torch.set_rng_state(saved["torch"])
         for key, state in saved.items():
@@ -393,71 +482,80 @@ class Loop:
         at = resuming.position if resuming else None
         if resuming:
             self._restore_generators(resuming.generators)
+        self.validator = Validator(self, console) if recipe.validation.enabled else None
+        if self.validator and not resuming:  # epoch 0: the base model, the baseline
+            self._validate(0, result, writer)
         with self._progress(console) as progress:
             task = progress.add_task(
                 "train", total=plan.total_steps, completed=self.step, epoch=0, loss=0.0, lr=0.0
             )
-            accumulate = recipe.train.gradient_accumulation_steps
             for epoch in range(at.epoch if at else 1, plan.epochs + 1):
                 if at:
                     self.data_rng.setstate(rng_from_json(at.epoch_rng))
                 self.epoch_rng = self.data_rng.getstate()
-                batches = self._epoch_plan(samples)
+                rounds = self._epoch_plan(samples, epoch)
                 done, losses = 0, []
-                if at:  # the epoch's batch order is rebuilt; skip the batches already done
+                if at:  # the epoch's batch order is rebuilt; skip the rounds already done
                     self.data_rng.setstate(rng_from_json(at.data_rng))
-                    done, losses, at = at.batch, list(at.losses), None
-                for index, batch in enumerate(self._load(batches[done:]), start=done):
-                    # the optimizer steps after every `accumulate` batches and after the
-                    # epoch's last one, so a short last group never leaks into the next epoch
-                    group_start = index - index % accumulate
-                    group_size = min(accumulate, plan.batches_per_epoch - group_start)
-                    ends_group = index == group_start + group_size - 1
-                    loss = self._micro_step(*batch, scale=1 / group_size, optimizer_step=ends_group)
-                    losses.append(loss)
+                    device = self.accelerator.device
+                    losses = [torch.tensor(v, device=device) for v in at.losses]
+                    done, at = at.batch, None
+                for index, batch in enumerate(self._load(rounds[done:]), start=done):
+                    group = self._group(index)
+                    ends_group = index == group[-1]
+                    in_step = sum(len(b.items) for r in group for b in rounds[r] if b is not None)
+                    loss = self._micro_step(*batch, in_step=in_step, optimizer_step=ends_group)
+                    if loss is not None:  # None: this process had no batch in this round
+                        losses.append(loss)
                     if not ends_group:
                         continue
                     self.step += 1
-                    self.perf.step_done()
-                    self._log_step(writer, losses)
-                    lr = self.lr_scheduler.get_last_lr()[0]
-                    progress.update(task, advance=1, epoch=epoch, loss=loss, lr=lr)
+                    last = index == len(rounds) - 1
+                    log_now = self.step % recipe.train.log_every_n_steps == 0 or last
+                    self.perf.step_done(sync=log_now)
+                    self._pending.append((self.step, len(losses), self._lrs()))
+                    progress.update(task, advance=1, epoch=epoch)
+                    if log_now or stop.requested:  # one host-device sync per flush
+                        last_loss, last_lr = self._flush_log(writer, losses)
+                        progress.update(task, loss=last_loss, lr=last_lr)
                     if stop.requested:
                         break
                 if stop.requested:
                     stopped_at = self._position(epoch, len(losses), losses, result)
                     break
-                result.epoch_losses.append(sum(losses) / len(losses))
+                epoch_losses = torch.stack(losses).tolist()
+                result.epoch_losses.append(sum(epoch_losses) / len(epoch_losses))
                 writer.add_scalar("loss/epoch", result.epoch_losses[-1], epoch)
-                self._end_of_epoch(epoch, result, writer)
+                with self.perf.excluded():
+                    self._end_of_epoch(epoch, result, writer)
         result.steps = self.step
         result.perf = self.perf.summary()
         console.print(self.perf.line())
         if stop.requested:
             self._save_interrupted(result, console, stopped_at)
         else:
+            if self.validator:
+                console.print(self.validator.table(self._kept_files(), result.recommended_epoch))
+                write_text_atomic(
+                    result.run_dir / VALIDATION_NAME, json.dumps(result.validation, indent=2)
+                )
             console.print(f"[green]done:[/green] {len(result.files)} file(s) in {result.run_dir}")
 
     def _micro_step(
-        self, variants, items: list[ImageItem], pixels, *, scale: float, optimizer_step: bool
-    ) -> float:
-        """Forward and backward on one batch (its loss scaled by `scale`, 1 / the batches
-        accumulated); with `optimizer_step`, clip, step and clear the gradients."""
-        base, device = self.base, self.accelerator.device
-        if pixels is None:
-            latents = self.latent_cache.batch(variants)
-        else:
-            latents = latent_io.encode(base.vae, pixels, self.vae_gen)
-        latents = latents.to(device)
-        hidden = self._encode_text([self._caption(item) for item in items])
-        noise, timesteps = self._noise(latents)
-        noisy = base.noise_scheduler.add_noise(latents, noise, timesteps.cpu()).to(device)
-        with self.accelerator.autocast():
-            pred = base.unet(noisy, timesteps.to(device), hidden).sample
-        loss = F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
-        loss = (loss * self._loss_weights(items, timesteps).to(device)).mean()
-        self.accelerator.backward(loss * scale)
+        self, variants, items, captions, noise_seeds, pixels, *, in_step: int, optimizer_step: bool
+    ) -> torch.Tensor | None:
+        """Forward and backward on this process's slice of a round (its loss weighted by
+        its share of the `in_step` samples of the optimizer step, over all processes and
+        accumulated rounds); with `optimizer_step`, clip, step and clear the gradients.
+        The loss stays on the device (reading it is a sync); None when this process has
+        no samples in the round (a bucket's short last batch, on several processes)."""
+        loss = None
+        if items is not None:
+            batch = Batch(variants, items, captions, noise_seeds)
+            loss = self._forward_backward(batch, pixels, len(items) / in_step)
         if optimizer_step:
+            if self.accelerator.num_processes > 1:
+                self._sum_gradients()
             max_norm = self.recipe.train.max_grad_norm
             if max_norm > 0:
                 params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -465,29 +563,104 @@ class Loop:
             self.optimizer.step()
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
-        return loss.detach().item()
+        return loss
+
+    def _forward_backward(self, batch: Batch, pixels, scale: float) -> torch.Tensor:
+        base, device = self.base, self.accelerator.device
+        variants, items = batch.variants, batch.items
+        if pixels is None:
+            latents = self.latent_cache.batch(variants)
+        else:
+            latents = latent_io.encode(base.vae, pixels, self.vae_gen)
+        latents = latents.to(device)
+        hidden = self._encode_text(batch.captions)
+        noise, timesteps = self._noise(latents.shape, batch.noise_seeds)
+        weights = self._loss_weights(items, timesteps)
+        noise, timesteps, weights = (to_device(t, device) for t in (noise, timesteps, weights))
+        losses = self._denoising_losses(latents, noise.to(latents.dtype), timesteps, hidden)
+        loss = (losses * weights).mean()
+        self.accelerator.backward(loss * scale)
+        return loss.detach()
+
+    def _denoising_losses(self, latents, noise, timesteps, hidden) -> torch.Tensor:
+        """The UNet's per-sample MSE at predicting `noise` from the noised latents, all on
+        the device. The noising is diffusers' `add_noise` formula on a device copy of the
+        schedule: `add_noise` copies the schedule to the device on every call, and on a GPU
+        such a copy makes the host wait for every queued kernel."""
+        alpha = self.alphas_cumprod.to(latents.dtype)[timesteps].view(-1, 1, 1, 1)
+        noisy = alpha**0.5 * latents + (1 - alpha) ** 0.5 * noise
+        with self.accelerator.autocast():
+            pred = self.base.unet(noisy, timesteps, hidden).sample
+        return F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
+
+    def _sum_gradients(self) -> None:
+        """All processes' gradients summed (each loss was already divided by the batches of
+        the whole step), in one all-reduce of one flat buffer.
+
+        This is what DDP does, without its forward wrapper: our forward runs through the
+        UNet and text encoder, which DDP would not see as the network's module. A process
+        that had no batch contributes zeros.
+        """
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = self.accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), "sum")
+        for param, chunk in zip(params, flat.split([p.numel() for p in params]), strict=True):
+            param.grad = chunk.view_as(param)
 
     # ---------------------------------------------------------------- data
-    def _epoch_plan(self, samples: list[ImageItem]) -> list[tuple[list, list[ImageItem]]]:
-        """(variants, items) per batch: the epoch's random order and flips, chosen here."""
-        batches = plan_batches(
-            samples, self.assign_bucket, self.recipe.train.batch_size, self.data_rng
-        )
-        flip = self.recipe.data.flip_aug
-        return [
-            ([self._variant(item, flip and self.data_rng.random() < 0.5) for item in batch], batch)
-            for batch in batches
-        ]
+    def _epoch_plan(self, samples: list[ImageItem], epoch: int) -> list[list[Batch | None]]:
+        """The epoch's rounds: batches of `batch_size` x processes samples, each split
+        into one slice per process (None where a short batch leaves a process none).
 
-    def _load(self, batches: list[tuple[list, list[ImageItem]]]) -> Iterator[tuple]:
-        """(variants, items, pixels or None) per batch; pixels are read ahead by workers."""
+        Every random choice of the epoch (order, flips, captions, each sample's noise
+        seed) is made here, the same in every process, so the processes' generators
+        never drift apart, and N processes see exactly the batches one process would
+        see with an N times larger batch.
+        """
+        per_device, world = self.recipe.train.batch_size, self.accelerator.num_processes
+        batches = plan_batches(samples, self.assign_bucket, per_device * world, self.data_rng)
+        flip = self.recipe.data.flip_aug
+        rounds = []
+        for index, batch in enumerate(batches):
+            whole = Batch(
+                [self._variant(item, flip and self.data_rng.random() < 0.5) for item in batch],
+                batch,
+                [self._caption(item) for item in batch],
+                [
+                    noise_seed(self.recipe.train.seed, epoch, index, slot)
+                    for slot in range(len(batch))
+                ],
+            )
+            slices = [
+                Batch(*(part[i : i + per_device] for part in whole))
+                for i in range(0, per_device * world, per_device)
+            ]
+            rounds.append([s if s.items else None for s in slices])
+        return rounds
+
+    def _group(self, index: int) -> range:
+        """The rounds of the optimizer step that round `index` belongs to: the step comes
+        after every `accumulate` rounds and after the epoch's last, so a short last group
+        never leaks into the next epoch."""
+        accumulate = self.recipe.train.gradient_accumulation_steps
+        start = index - index % accumulate
+        return range(start, min(start + accumulate, self.plan.batches_per_epoch))
+
+    def _load(self, rounds: list[list[Batch | None]]) -> Iterator[tuple]:
+        """(variants, items, captions, noise seeds, pixels or None) of this process's slice
+        per round, all None where it has none; pixels are read ahead by workers."""
+        mine = [batch[self.accelerator.process_index] for batch in rounds]
         if self.recipe.data.cache_latents:
-            for variants, items in batches:
-                yield variants, items, None
+            for batch in mine:
+                yield (None,) * 5 if batch is None else (*batch, None)
             return
-        loader = latent_io.pixel_batches([v for v, _ in batches], self.recipe.data.num_workers)
-        for (variants, items), pixels in zip(batches, loader, strict=True):
-            yield variants, items, pixels
+        loader = iter(
+            latent_io.pixel_batches(
+                [b.variants for b in mine if b is not None], self.recipe.data.num_workers
+            )
+        )
+        for batch in mine:
+            yield (None,) * 5 if batch is None else (*batch, next(loader))
 
     def _variant(self, item: ImageItem, flip: bool) -> latent_io.Variant:
         return latent_io.Variant(
@@ -502,7 +675,9 @@ class Loop:
     def _cache_latents(self, samples: list[ImageItem], console: Console, stop) -> None:
         flips = (False, True) if self.recipe.data.flip_aug else (False,)
         variants = {self._variant(item, f) for item in samples for f in flips}
-        with console.status(f"caching latents of {len(variants)} image variants"):
+        # with the disk cache, the main process encodes and the others then read its files
+        first = self.accelerator.main_process_first
+        with first(), console.status(f"caching latents of {len(variants)} image variants"):
             for _ in self.latent_cache.fill(variants):
                 if stop.requested:
                     raise KeyboardInterrupt
@@ -544,16 +719,21 @@ class Loop:
             self.text_cache.update(zip(missing, hidden, strict=True))
         return torch.stack([self.text_cache[c] for c in captions])
 
-    def _noise(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Noise and timesteps from the run's own generator (on the CPU: same on any device)."""
-        batch, channels = latents.shape[:2]
-        noise = torch.randn(latents.shape, generator=self.noise_gen)
-        offset = self.recipe.train.noise_offset
-        if offset:
-            noise = noise + offset * torch.randn((batch, channels, 1, 1), generator=self.noise_gen)
+    def _noise(self, shape: torch.Size, seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each sample's noise and timestep from its own seed, on the CPU: the same on any
+        device, in any process, after any resume."""
+        channels = shape[1]
         steps = self.base.noise_scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, steps, (batch,), generator=self.noise_gen)
-        return noise.to(latents.device, latents.dtype), timesteps
+        offset = self.recipe.train.noise_offset
+        noises, timesteps = [], []
+        for seed in seeds:
+            generator = torch.Generator().manual_seed(seed)
+            noise = torch.randn(shape[1:], generator=generator)
+            if offset:
+                noise = noise + offset * torch.randn((channels, 1, 1), generator=generator)
+            noises.append(noise)
+            timesteps.append(torch.randint(0, steps, (1,), generator=generator))
+        return torch.stack(noises), torch.cat(timesteps)
 
     def _loss_weights(self, items: list[ImageItem], timesteps: torch.Tensor) -> torch.Tensor:
         """Prior-loss weight for reg images, times the min-SNR weight when enabled."""
@@ -566,14 +746,26 @@ class Loop:
         return weights
 
     # ---------------------------------------------------------------- outputs
-    def _log_step(self, writer: SummaryWriter, losses: list[float]) -> None:
-        writer.add_scalar("loss/step", losses[-1], self.step)
-        writer.add_scalar("loss/average", sum(losses) / len(losses), self.step)
-        for group in self.optimizer.param_groups:
-            writer.add_scalar(f"lr/{group['name']}", group["lr"], self.step)
+    def _lrs(self) -> dict[str, float]:
+        return {group["name"]: group["lr"] for group in self.optimizer.param_groups}
+
+    def _flush_log(self, writer: SummaryWriter, losses: list[torch.Tensor]) -> tuple[float, float]:
+        """Write the scalars of the steps since the last flush, reading the losses back
+        in one go; returns the last step's loss and first learning rate."""
+        values = torch.stack(losses).tolist() if losses else []
+        for step, seen, lrs in self._pending:
+            writer.add_scalar("loss/step", values[seen - 1], step)
+            writer.add_scalar("loss/average", sum(values[:seen]) / seen, step)
+            for name, lr in lrs.items():
+                writer.add_scalar(f"lr/{name}", lr, step)
+        last_lr = next(iter(self._pending[-1][2].values()))
+        self._pending = []
+        return values[-1], last_lr
 
     def _end_of_epoch(self, epoch: int, result: RunResult, writer: SummaryWriter) -> None:
         names = dict(self.plan.files)
+        if self.validator and self.validator.due(epoch, epoch in names):
+            self._validate(epoch, result, writer)  # before saving: the final file names it
         if epoch in names:
             self._save(result.run_dir / names[epoch], epoch, result)
             self._drop_old_epochs(result, epoch)
@@ -588,9 +780,30 @@ class Loop:
         meta = build_metadata(
             self.recipe, self.scan, self.plan, self.facts, epoch=epoch, step=self.step
         )
+        if epoch == self.plan.epochs and result.recommended_epoch is not None:
+            meta["meebs_recommended_epoch"] = str(result.recommended_epoch)
         dtype = SAVE_DTYPES[self.recipe.output.save_precision]
         save_network(self.network, path, meta, dtype)
         result.files.append(path)
+
+    def _validate(self, epoch: int, result: RunResult, writer: SummaryWriter) -> None:
+        """Score the network (meebs.validation), log it, keep the recommendation current."""
+        validator = self.validator
+        validator.log(writer, validator.evaluate(epoch, self.step))
+        writer.add_scalar("val/seconds", validator.seconds, self.step)
+        files = self._kept_files()
+        result.recommended_epoch = validator.recommend(list(files))
+        result.validation = validator.report(files, result.recommended_epoch)
+        result.validation_s = result.validation["seconds"]
+
+    def _kept_files(self) -> dict[int, str]:
+        """Epoch -> file name of the epoch files a finished run keeps (keep_last_n_epochs)."""
+        final = self.plan.epochs
+        kept = [e for e, _ in self.plan.files if e != final]
+        keep = self.recipe.output.keep_last_n_epochs
+        kept = kept[-keep:] if keep is not None else kept
+        names = dict(self.plan.files)
+        return {e: names[e] for e in [*kept, final]}
 
     def _drop_old_epochs(self, result: RunResult, epoch: int) -> None:
         """keep_last_n_epochs: remove intermediate epoch files beyond the newest N."""

@@ -8,15 +8,27 @@ convs, in both the UNet and the text encoder.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from meebs.cli import main
 from meebs.errors import MeebsError
+from meebs.ldm_export import ldm_state_dict, save_ldm_file
 from meebs.merge import merge, merge_into, parse_network_arg, pin_path, read_network
-from meebs.models import build_tiny, load_base_model
+from meebs.models import (
+    TINY_CONFIGS,
+    BaseModel,
+    build_sd15_random,
+    build_tiny,
+    load_base_model,
+    parts_from_ldm,
+    sha256_file,
+)
 from meebs.network import NetworkSpec, build_network, load_network_file, save_network
 from meebs.sampling import SamplePrompt, generate_samples
 
@@ -233,3 +245,230 @@ def test_an_existing_output_is_never_overwritten(tmp_path):
     with pytest.raises(MeebsError, match="already exists; refusing to overwrite"):
         merge([parse_network_arg(str(file))], into, builtin="tiny", model_path=None, sha256=None)
     assert list(into.iterdir()) == []
+
+
+# Single-file output in the original LDM layout (A1111 / ComfyUI checkpoints folder)
+
+REFERENCE_SD15 = Path(__file__).parent / "reference_sd15"
+# Keys the published v1-5-pruned(-emaonly) file has and we do not write: A1111 and
+# ComfyUI rebuild them (schedule buffers from their config, position_ids as a constant),
+# and our own loader ignores them. EMA copies (`model_ema.*`) are dropped on purpose.
+OMITTED_REAL_KEYS = (
+    "cond_stage_model.transformer.text_model.embeddings.position_ids",
+    "model_ema.decay",
+    "model_ema.num_updates",
+    "betas",
+    "alphas_cumprod",
+    "alphas_cumprod_prev",
+    "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod",
+    "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance",
+    "posterior_log_variance_clipped",
+    "posterior_mean_coef1",
+    "posterior_mean_coef2",
+)
+# A few VAE keys of the published SD 1.5 file, with their shapes: the decoder's up blocks
+# are numbered in reverse, and attention is 1x1 convs.
+REAL_SD15_VAE_KEYS = {
+    "first_stage_model.encoder.mid.attn_1.q.weight": (512, 512, 1, 1),
+    "first_stage_model.decoder.mid.attn_1.proj_out.weight": (512, 512, 1, 1),
+    "first_stage_model.decoder.mid.attn_1.norm.weight": (512,),
+    "first_stage_model.encoder.down.1.block.0.nin_shortcut.weight": (256, 128, 1, 1),
+    "first_stage_model.decoder.up.0.block.0.nin_shortcut.weight": (128, 256, 1, 1),
+    "first_stage_model.decoder.up.3.upsample.conv.weight": (512, 512, 3, 3),
+    "first_stage_model.encoder.down.0.downsample.conv.weight": (128, 128, 3, 3),
+    "first_stage_model.encoder.norm_out.weight": (512,),
+    "first_stage_model.quant_conv.weight": (8, 8, 1, 1),
+    "first_stage_model.post_quant_conv.weight": (4, 4, 1, 1),
+}
+
+
+def load_tiny_ldm(path) -> BaseModel:
+    """A tiny single file read back with the forward (diffusers) converters.
+
+    `load_base_model(path=...)` configures single files from the SD 1.5 configs only (and
+    refuses a 32-wide context), so the tiny file is read with its own configs here.
+    """
+    unet, vae, text_encoder = parts_from_ldm(load_file(path), TINY_CONFIGS, path)
+    template = build_tiny()
+    return BaseModel(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=template.tokenizer,
+        noise_scheduler=template.noise_scheduler,
+        sha256=sha256_file(path),
+        name=path.stem,
+        legacy_hash=None,
+        source=str(path),
+    )
+
+
+def assert_same_weights(actual: BaseModel, expected: BaseModel, dtype=torch.float32) -> None:
+    """Bit-identical after the save's rounding to `dtype`."""
+    for part in ("unet", "vae", "text_encoder"):
+        expected_state = getattr(expected, part).state_dict()
+        actual_state = getattr(actual, part).state_dict()
+        assert actual_state.keys() == expected_state.keys(), part
+        for key, value in expected_state.items():
+            assert actual_state[key].dtype == torch.float32, f"{part}.{key}"
+            assert torch.equal(actual_state[key], value.to(dtype).float()), f"{part}.{key}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_tiny_ldm_file_round_trips_bit_identical(tmp_path, dtype):
+    path = tmp_path / "tiny.safetensors"
+    digest = save_ldm_file(build_tiny(), path, dtype)
+    assert digest == sha256_file(path)
+    assert_same_weights(load_tiny_ldm(path), build_tiny(), dtype)
+    with safe_open(path, framework="pt") as handle:
+        assert {handle.get_slice(key).get_dtype() for key in handle.keys()} == {  # noqa: SIM118
+            "F32" if dtype == torch.float32 else "F16"
+        }
+
+
+def test_ldm_keys_use_the_a1111_layout():
+    state = ldm_state_dict(build_tiny())
+    prefixes = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.")
+    assert all(key.startswith(prefixes) for key in state)
+    text = [key for key in state if key.startswith("cond_stage_model.")]
+    assert text and all(key.startswith("cond_stage_model.transformer.text_model.") for key in text)
+    assert not any(key.endswith("position_ids") for key in state)
+    for coder in ("encoder", "decoder"):
+        for layer in ("q", "k", "v", "proj_out"):
+            assert state[f"first_stage_model.{coder}.mid.attn_1.{layer}.weight"].ndim == 4
+    assert "model.diffusion_model.input_blocks.0.0.weight" in state  # conv_in
+    assert "model.diffusion_model.out.2.weight" in state  # conv_out
+
+
+def test_cli_merge_into_a_single_file_equals_the_folder(tmp_path, capsys):
+    """Same merge, two layouts: the weights and the generated image are identical."""
+    file = trained_network(tmp_path, SPECS["loha"])
+    single, folder = tmp_path / "merged.safetensors", tmp_path / "merged"
+    common = [f"{file}:0.8", "--model", "builtin:tiny", "--save-precision", "fp32"]
+    assert main(["merge", *common, "--into", str(single)]) == 0
+    assert main(["merge", *common, "--into", str(folder)]) == 0
+    digest = pin_path(single).read_text().split()[0]
+    assert pin_path(single).read_text() == f"{digest}  merged.safetensors\n"
+    assert digest == sha256_file(single) and digest in capsys.readouterr().out
+    from_file = load_tiny_ldm(single)
+    from_folder = load_base_model(
+        builtin=None,
+        path=folder,
+        sha256=pin_path(folder).read_text().split()[0],
+        allow_pickle=False,
+    )
+    assert_same_weights(from_file, merged(file, 0.8))
+    assert_same_weights(from_file, from_folder)
+    for a, b in zip(outputs(from_file), outputs(from_folder), strict=True):
+        assert torch.equal(a, b)
+    prompt = SamplePrompt(
+        prompt="meeb", negative="", width=64, height=64, seed=3, steps=3, cfg=7.0, sampler="DDIM"
+    )
+    images = [
+        np.asarray(generate_samples(model, prompts=[prompt], device="cpu", dtype=torch.float32)[0])
+        for model in (from_file, from_folder)
+    ]
+    assert np.array_equal(images[0], images[1])
+    assert list(tmp_path.glob(".*")) == []  # no temp file left behind
+
+
+def test_default_precision_is_fp16_for_a_file_and_fp32_for_a_folder(tmp_path):
+    file = trained_network(tmp_path, SPECS["lora"])
+    outputs_ = {name: tmp_path / name for name in ("a.safetensors", "b", "c")}
+    for name, extra in (("a.safetensors", []), ("b", []), ("c", ["--save-precision", "fp16"])):
+        args = ["merge", str(file), "--model", "builtin:tiny", "--into", str(outputs_[name])]
+        assert main(args + extra) == 0
+    dtypes = {}
+    for name, path in (
+        ("a.safetensors", outputs_["a.safetensors"]),
+        ("b", outputs_["b"] / "unet" / "diffusion_pytorch_model.safetensors"),
+        ("c", outputs_["c"] / "unet" / "diffusion_pytorch_model.safetensors"),
+    ):
+        with safe_open(path, framework="pt") as handle:
+            dtypes[name] = {handle.get_slice(key).get_dtype() for key in handle.keys()}  # noqa: SIM118
+    assert dtypes == {"a.safetensors": {"F16"}, "b": {"F32"}, "c": {"F16"}}
+    digest = pin_path(outputs_["c"]).read_text().split()[0]
+    assert_same_weights(
+        load_base_model(builtin=None, path=outputs_["c"], sha256=digest, allow_pickle=False),
+        merged(file, 1.0),
+        torch.float16,
+    )
+
+
+def test_an_existing_single_file_is_never_overwritten(tmp_path):
+    file = trained_network(tmp_path, SPECS["lora"])
+    into = tmp_path / "merged.safetensors"
+    into.write_bytes(b"keep me")
+    with pytest.raises(MeebsError, match="already exists; refusing to overwrite"):
+        merge([parse_network_arg(str(file))], into, builtin="tiny", model_path=None, sha256=None)
+    assert into.read_bytes() == b"keep me" and not pin_path(into).exists()
+
+
+@pytest.mark.parametrize("name", ["merged.ckpt", "merged.pt"])
+def test_a_pickle_output_name_is_refused(tmp_path, name):
+    file = trained_network(tmp_path, SPECS["lora"])
+    with pytest.raises(MeebsError, match="writes no pickle files"):
+        merge(
+            [parse_network_arg(str(file))],
+            tmp_path / name,
+            builtin="tiny",
+            model_path=None,
+            sha256=None,
+        )
+    assert not (tmp_path / name).exists()
+
+
+def test_a_failed_single_file_merge_writes_nothing(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    save_file({"w": torch.ones(2)}, bad)
+    into = tmp_path / "out.safetensors"
+    with pytest.raises(MeebsError, match="is not a LoRA"):
+        merge([parse_network_arg(str(bad))], into, builtin="tiny", model_path=None, sha256=None)
+    assert not into.exists() and not pin_path(into).exists()
+
+
+def reference_unet_weights() -> dict[str, tuple[int, ...]]:
+    lines = (REFERENCE_SD15 / "sd15_ldm_unet_weights.txt").read_text().splitlines()
+    entries = (line.split() for line in lines if line.strip() and not line.startswith("#"))
+    return {
+        f"model.diffusion_model.{name}.weight": tuple(int(n) for n in shape.split("x"))
+        for name, shape in entries
+    }
+
+
+def reference_text_linears() -> dict[str, tuple[int, ...]]:
+    lines = (REFERENCE_SD15 / "sd15_text_encoder_linear_weights.txt").read_text().splitlines()
+    entries = (line.split() for line in lines if line.strip() and not line.startswith("#"))
+    return {
+        f"cond_stage_model.transformer.{name}.weight": tuple(int(n) for n in shape.split("x"))
+        for name, shape in entries
+    }
+
+
+@pytest.mark.slow
+def test_sd15_single_file_has_the_real_key_layout_and_loads_back_pinned(tmp_path):
+    """Full SD 1.5 architecture: merge (no network) -> file -> `load_base_model(path, pin)`.
+
+    50-100 s on two shared cores: two 860M-parameter builds, a 2.1 GB fp16 write, its sha256.
+    """
+    into = tmp_path / "sd15.safetensors"
+    digest = merge([], into, builtin="sd15-random", model_path=None, sha256=None)
+    with safe_open(into, framework="pt") as handle:
+        shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
+    unet_weights = {
+        key: shape
+        for key, shape in shapes.items()
+        if key.startswith("model.diffusion_model.") and key.endswith(".weight")
+    }
+    assert unet_weights == reference_unet_weights()
+    assert reference_text_linears().items() <= shapes.items()
+    assert REAL_SD15_VAE_KEYS.items() <= shapes.items()
+    assert not set(OMITTED_REAL_KEYS) & shapes.keys()
+    assert not any(key.startswith("model_ema.") for key in shapes)
+    loaded = load_base_model(builtin=None, path=into, sha256=digest, allow_pickle=False)
+    assert loaded.sha256 == digest
+    assert_same_weights(loaded, build_sd15_random(), torch.float16)

@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from meebs import train as train_module
+from meebs import perf
 from meebs.cli import main
 from meebs.recipe import load_recipe
 from meebs.reproduce import machine_class
@@ -184,14 +184,14 @@ def test_the_manifest_holds_every_field(first_run):
 
 def interrupt_at(monkeypatch, step: int) -> None:
     """A real SIGINT to this process right after `step` finished, as Ctrl-C would send."""
-    original = train_module.Loop._log_step
+    original = perf.PerfMeter.step_done
 
-    def log_step(self, writer, losses):
-        original(self, writer, losses)
-        if self.step == step:
+    def step_done(self, sync=True):
+        original(self, sync)
+        if self.steps == step:
             os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(train_module.Loop, "_log_step", log_step)
+    monkeypatch.setattr(perf.PerfMeter, "step_done", step_done)
 
 
 @pytest.mark.parametrize("step", [12, 37])  # mid epoch 1 (before any save), mid epoch 2

@@ -104,7 +104,7 @@ def test_reg_images_are_people_with_person_captions():
     assert all(p.with_suffix(".txt").read_text("utf-8").startswith("person, ") for p in images)
 
 
-def test_the_demo_is_the_first_six_of_1_1_and_of_reg():
+def test_the_demo_is_the_first_six_of_1_1_and_of_reg_and_holds_out_the_seventh():
     for demo, source in (
         (DATA / "demo" / "train" / "10_meeb", DATA / "img_1.1" / "10_meeb"),
         (DATA / "demo" / "reg" / "1_person", DATA / "reg" / "1_person"),
@@ -114,7 +114,11 @@ def test_the_demo_is_the_first_six_of_1_1_and_of_reg():
         assert {path.name: path.read_bytes() for path in demo.iterdir()} == expected
     modes = {Image.open(path).mode for path in (DATA / "demo" / "train").rglob("*.png")}
     assert modes == {"RGB"}
-    assert sorted(path.name for path in (DATA / "demo").iterdir()) == ["reg", "train"]
+    assert sorted(path.name for path in (DATA / "demo").iterdir()) == ["reg", "train", "val"]
+    seventh = sorted((DATA / "img_1.1" / "10_meeb").glob("*.png"))[6]
+    held_out = DATA / "demo" / "val" / "1_meeb"
+    assert sorted(p.name for p in held_out.iterdir()) == [seventh.name, seventh.stem + ".txt"]
+    assert (held_out / seventh.name).read_bytes() == seventh.read_bytes()
 
 
 def test_drawings_repeat_for_a_pose_and_change_with_it():

@@ -141,8 +141,8 @@ def test_ctrl_c_saves_the_last_finished_step(tmp_path, monkeypatch):
 
     original = perf.PerfMeter.step_done
 
-    def interrupt_at_five(self):
-        original(self)
+    def interrupt_at_five(self, sync=True):
+        original(self, sync)
         if self.steps == 5:
             os.kill(os.getpid(), signal.SIGINT)
 

@@ -1,0 +1,225 @@
+"""Validation: is the network still learning the subject, and is it forgetting the class?
+
+Two numbers per evaluation, both deterministic (the same weights give the same values,
+to the bit, and evaluating never moves a random stream training uses):
+
+- subject loss: the denoising MSE on the held-out subject images, with the network on;
+- class drift: on a fixed subset of the reg (class) images, the network's MSE minus the
+  base model's MSE (the network at multiplier 0) on the same noise and timesteps. Above
+  0 the network makes the class worse; an untrained network gives exactly 0.
+
+Each image is noised at `timesteps` fixed noise levels spread evenly over the schedule,
+with noise drawn from its own generator, seeded from the split seed and the image's
+sha256. Both values are also given per band of noise level (low / mid / high: thirds of
+the timesteps). The recommended epoch is the saved epoch with the lowest subject loss
+whose class drift stays within `drift_tolerance` x the base model's class loss.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from meebs import latents as latent_io
+from meebs.dataset import ImageItem, background_for, process_caption
+from meebs.hash_cache import cached_sha256
+
+BANDS = ("low", "mid", "high")
+RESULT_NAME = "validation.json"
+
+
+def spread_timesteps(count: int, num_train_timesteps: int) -> list[int]:
+    """`count` timesteps at the middles of equal slices of the schedule."""
+    return [
+        min(num_train_timesteps - 1, int((i + 0.5) * num_train_timesteps / count))
+        for i in range(count)
+    ]
+
+
+def bands(values: torch.Tensor) -> dict[str, float]:
+    """Mean per band of noise level (timesteps in ascending order, split in thirds)."""
+    parts = np.array_split(np.arange(len(values)), len(BANDS))
+    return {name: float(values[idx].mean()) for name, idx in zip(BANDS, parts, strict=True)}
+
+
+def class_subset(reg: list[ImageItem], count: int) -> list[ImageItem]:
+    """A fixed subset of the reg images: evenly spaced in scan order."""
+    if len(reg) <= count:
+        return list(reg)
+    return [reg[int(i * len(reg) / count)] for i in range(count)]
+
+
+@dataclass
+class Evaluation:
+    epoch: int
+    step: int
+    subject_loss: float
+    subject_bands: dict[str, float]
+    class_drift: float | None
+    class_drift_bands: dict[str, float] | None
+    base_class_loss: float | None
+    seconds: float
+
+
+class Validator:
+    """Scores the loop's network on the held-out and class images; `evaluate` per epoch."""
+
+    def __init__(self, loop, console: Console):
+        self.loop = loop
+        recipe = loop.recipe
+        self.settings = recipe.validation
+        self.subject = list(loop.scan.held_out)
+        reg = [im for subset in loop.scan.reg for im in subset.images]
+        self.classes = class_subset(reg, self.settings.class_images)
+        steps = loop.base.noise_scheduler.config.num_train_timesteps
+        self.timesteps = torch.tensor(spread_timesteps(self.settings.timesteps, steps))
+        self.evaluations: list[Evaluation] = []
+        self.seconds = 0.0
+        mode = recipe.data.background
+        images = self.subject + self.classes
+        for image in self.subject:
+            loop.image_sha256.setdefault(image.path, cached_sha256(image.path))
+        self.variants = {}
+        for image in images:
+            # held-out images have no place in the training order; reg images keep theirs
+            background = loop.backgrounds.get(image.path) or background_for(
+                self.subject.index(image), mode
+            )
+            bucket = loop.assign_bucket(image)
+            self.variants[image.path] = latent_io.Variant(image.path, bucket, background, False)
+        for _ in loop.latent_cache.fill(self.variants.values()):
+            pass
+        self.noise = {image.path: self._fixed_noise(image) for image in images}
+        self.captions = {image.path: self._caption(image) for image in images}
+
+    def _fixed_noise(self, image: ImageItem) -> torch.Tensor:
+        key = f"{self.settings.seed}/{self.loop.image_sha256[image.path]}"
+        seed = int(hashlib.sha256(key.encode()).hexdigest()[:15], 16)
+        shape = (
+            len(self.timesteps),
+            *self.loop.latent_cache.latents[self.variants[image.path]].shape,
+        )
+        return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+    def _caption(self, image: ImageItem) -> str:
+        """As training processes it, without its randomness (no shuffle, no dropout)."""
+        keep = self.loop.recipe.data.keep_tokens
+        return process_caption(
+            image.caption, shuffle=False, keep_tokens=keep, dropout_rate=0.0, rng=random.Random(0)
+        )
+
+    def _losses(self, image: ImageItem) -> torch.Tensor:
+        """Per-timestep MSE of the UNet (as the network is set now) on one image."""
+        loop = self.loop
+        device = loop.accelerator.device
+        count = len(self.timesteps)
+        latent = loop.latent_cache.batch([self.variants[image.path]]).expand(count, -1, -1, -1)
+        noise = self.noise[image.path].to(device)
+        hidden = loop._encode_text([self.captions[image.path]] * count)
+        timesteps = self.timesteps.to(device)
+        return loop._denoising_losses(latent.to(device), noise, timesteps, hidden).cpu()
+
+    def _mean(self, images: list[ImageItem]) -> torch.Tensor:
+        return torch.stack([self._losses(image) for image in images]).mean(dim=0)
+
+    def evaluate(self, epoch: int, step: int) -> Evaluation:
+        """Score the network as it stands; every random stream is left as it was."""
+        started = time.perf_counter()
+        network = self.loop.network
+        was_training = network.training
+        cpu_rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        network.eval()
+        try:
+            with torch.no_grad():
+                network.set_multiplier(1.0)
+                subject = self._mean(self.subject)
+                drift = base_loss = None
+                if self.classes:
+                    with_network = self._mean(self.classes)
+                    network.set_multiplier(0.0)
+                    base_loss = self._mean(self.classes)
+                    network.set_multiplier(1.0)
+                    drift = with_network - base_loss
+        finally:
+            network.set_multiplier(1.0)
+            network.train(was_training)
+            torch.set_rng_state(cpu_rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state_all(cuda_rng)
+        seconds = time.perf_counter() - started
+        self.seconds += seconds
+        evaluation = Evaluation(
+            epoch=epoch,
+            step=step,
+            subject_loss=float(subject.mean()),
+            subject_bands=bands(subject),
+            class_drift=None if drift is None else float(drift.mean()),
+            class_drift_bands=None if drift is None else bands(drift),
+            base_class_loss=None if base_loss is None else float(base_loss.mean()),
+            seconds=round(seconds, 3),
+        )
+        self.evaluations.append(evaluation)
+        return evaluation
+
+    def log(self, writer, evaluation: Evaluation) -> None:
+        step = evaluation.step
+        writer.add_scalar("val/epoch", evaluation.epoch, step)
+        writer.add_scalar("val/subject_loss", evaluation.subject_loss, step)
+        for band, value in evaluation.subject_bands.items():
+            writer.add_scalar(f"val/subject_loss/{band}", value, step)
+        if evaluation.class_drift is not None:
+            writer.add_scalar("val/class_drift", evaluation.class_drift, step)
+            for band, value in evaluation.class_drift_bands.items():
+                writer.add_scalar(f"val/class_drift/{band}", value, step)
+
+    def due(self, epoch: int, saved: bool) -> bool:
+        return saved or epoch % self.settings.every_n_epochs == 0
+
+    def recommend(self, epochs: list[int]) -> int | None:
+        """The epoch (of `epochs`, the saved ones) to use: lowest subject loss among
+        those whose class drift is within tolerance; if none is, the lowest drift."""
+        scored = [e for e in self.evaluations if e.epoch in epochs]
+        if not scored:
+            return None
+        tolerance = self.settings.drift_tolerance
+        within = [
+            e
+            for e in scored
+            if e.class_drift is None or e.class_drift <= tolerance * e.base_class_loss
+        ]
+        if within:
+            return min(within, key=lambda e: (e.subject_loss, e.epoch)).epoch
+        return min(scored, key=lambda e: (e.class_drift, e.epoch)).epoch
+
+    def report(self, files: dict[int, str], recommended: int | None) -> dict:
+        """What goes into validation.json and the manifest."""
+        return {
+            "held_out": [im.path.name for im in self.subject],
+            "class_images": [im.path.name for im in self.classes],
+            "timesteps": self.timesteps.tolist(),
+            "drift_tolerance": self.settings.drift_tolerance,
+            "evaluations": [asdict(e) for e in self.evaluations],
+            "recommended_epoch": recommended,
+            "recommended_file": files.get(recommended) if recommended is not None else None,
+            "seconds": round(self.seconds, 3),
+        }
+
+    def table(self, files: dict[int, str], recommended: int | None) -> Table:
+        table = Table(title="Validation per saved epoch", title_justify="left")
+        for column in ("epoch", "file", "subject loss", "class drift", ""):
+            table.add_column(column, justify="right" if column == "epoch" else "left")
+        for e in self.evaluations:
+            if e.epoch not in files:
+                continue
+            drift = "-" if e.class_drift is None else f"{e.class_drift:+.5f}"
+            mark = "[green]recommended[/green]" if e.epoch == recommended else ""
+            table.add_row(str(e.epoch), files[e.epoch], f"{e.subject_loss:.5f}", drift, mark)
+        return table
