@@ -130,7 +130,7 @@ grid: $(VENV)/.installed ## one PNG of RUN=outputs/<name>/<run id>'s prompts x e
 	$(if $(RUN),,$(error give a run: make grid RUN=outputs/<name>/<run id>))
 	$(PY) entrypoint.py grid $(RUN) $(ARGS)
 
-bench: $(VENV)/.installed ## steps/s, peak RSS, time to first step: demo, SD 1.5 128px, bare loop
+bench: $(VENV)/.installed ## steps/s, peak RSS: demo, SD 1.5 128px, LoHA layer paths, bare loop, validation share
 	$(PY) -m meebs.bench
 
 clean: ## remove caches and .venv-ci; outputs/ only with OUTPUTS=1

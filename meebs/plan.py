@@ -173,6 +173,10 @@ def print_plan(recipe: Recipe, scan: DatasetScan, plan: Plan, console: Console) 
     from meebs.size_estimate import estimate_network_file  # it imports this module
 
     console.print(f"Each network file: {estimate_network_file(recipe, scan, plan).describe()}")
+    from meebs.memory_estimate import estimate_memory  # it imports this module
+
+    for line in estimate_memory(recipe, scan).describe():
+        console.print(line)
     if scan.held_out:
         _print_held_out(recipe, scan, plan, console)
     keep = recipe.output.keep_last_n_epochs

@@ -82,6 +82,7 @@ class Validator:
         self.timesteps = torch.tensor(spread_timesteps(self.settings.timesteps, steps))
         self.evaluations: list[Evaluation] = []
         self.seconds = 0.0
+        self._base: torch.Tensor | None = None  # base model class losses, once
         mode = recipe.data.background
         images = self.subject + self.classes
         for image in self.subject:
@@ -129,6 +130,15 @@ class Validator:
     def _mean(self, images: list[ImageItem]) -> torch.Tensor:
         return torch.stack([self._losses(image) for image in images]).mean(dim=0)
 
+    def _base_class_loss(self) -> torch.Tensor:
+        """The base model's class losses (network at multiplier 0): computed once, since
+        neither the base model nor the fixed noise ever changes."""
+        if self._base is None:
+            self.loop.network.set_multiplier(0.0)
+            self._base = self._mean(self.classes)
+            self.loop.network.set_multiplier(1.0)
+        return self._base
+
     def evaluate(self, epoch: int, step: int) -> Evaluation:
         """Score the network as it stands; every random stream is left as it was."""
         started = time.perf_counter()
@@ -144,9 +154,7 @@ class Validator:
                 drift = base_loss = None
                 if self.classes:
                     with_network = self._mean(self.classes)
-                    network.set_multiplier(0.0)
-                    base_loss = self._mean(self.classes)
-                    network.set_multiplier(1.0)
+                    base_loss = self._base_class_loss()
                     drift = with_network - base_loss
         finally:
             network.set_multiplier(1.0)

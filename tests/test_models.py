@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from meebs import models
 from meebs.errors import ModelError
+from meebs.ldm_export import ldm_state_dict
 from meebs.models import (
     SD15_CONFIGS,
     TINY_CONFIGS,
@@ -276,101 +277,6 @@ def test_an_sd1_header_goes_on_to_strict_loading(tmp_path: Path) -> None:
 
 # Single-file SD 1.x checkpoints: the tiny model written in the LDM layout
 
-_UNET_RESNET = {
-    "norm1": "in_layers.0",
-    "conv1": "in_layers.2",
-    "time_emb_proj": "emb_layers.1",
-    "norm2": "out_layers.0",
-    "conv2": "out_layers.3",
-    "conv_shortcut": "skip_connection",
-}
-_UNET_TOP = {
-    "time_embedding.linear_1": "time_embed.0",
-    "time_embedding.linear_2": "time_embed.2",
-    "conv_in": "input_blocks.0.0",
-    "conv_norm_out": "out.0",
-    "conv_out": "out.2",
-}
-_VAE_ATTENTION = {
-    "group_norm": "norm",
-    "to_q": "q",
-    "to_k": "k",
-    "to_v": "v",
-    "to_out.0": "proj_out",
-}
-
-
-def _resnet(rest: str, mapping: dict[str, str]) -> str:
-    head, _, tail = rest.partition(".")
-    return f"{mapping.get(head, head)}.{tail}"
-
-
-def _ldm_unet_key(key: str, unet_config: dict) -> str:
-    """diffusers UNet key -> LDM key, the inverse of diffusers' convert_ldm_unet_checkpoint."""
-    per_block = unet_config["layers_per_block"] + 1
-    module, _, param = key.rpartition(".")
-    if module in _UNET_TOP:
-        return f"{_UNET_TOP[module]}.{param}"
-    if match := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
-        block, kind, layer, rest = match.groups()
-        index = 1 + per_block * int(block) + int(layer)
-        if kind == "resnets":
-            return f"input_blocks.{index}.0.{_resnet(rest, _UNET_RESNET)}"
-        return f"input_blocks.{index}.1.{rest}"
-    if match := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
-        return f"input_blocks.{per_block * (int(match[1]) + 1)}.0.op.{match[2]}"
-    if match := re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
-        block, kind, layer, rest = match.groups()
-        index = per_block * int(block) + int(layer)
-        if kind == "resnets":
-            return f"output_blocks.{index}.0.{_resnet(rest, _UNET_RESNET)}"
-        return f"output_blocks.{index}.1.{rest}"
-    if match := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
-        block = int(match[1])
-        has_attention = unet_config["up_block_types"][block].startswith("CrossAttn")
-        index = per_block * block + per_block - 1
-        return f"output_blocks.{index}.{2 if has_attention else 1}.conv.{match[2]}"
-    if match := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(.+)", key):
-        return f"middle_block.{2 * int(match[1])}.{_resnet(match[2], _UNET_RESNET)}"
-    if match := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", key):
-        return f"middle_block.1.{match[1]}"
-    raise AssertionError(f"unmapped UNet key {key}")
-
-
-def _ldm_vae_item(key: str, value: torch.Tensor, blocks: int) -> tuple[str, torch.Tensor]:
-    """diffusers VAE key -> LDM key (attention projections back to 1x1 convs)."""
-    shortcut = {"conv_shortcut": "nin_shortcut"}
-    if match := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
-        return f"encoder.down.{match[1]}.block.{match[2]}.{_resnet(match[3], shortcut)}", value
-    if match := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.(.+)", key):
-        return f"encoder.down.{match[1]}.downsample.{match[2]}", value
-    if match := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
-        block = blocks - 1 - int(match[1])
-        return f"decoder.up.{block}.block.{match[2]}.{_resnet(match[3], shortcut)}", value
-    if match := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.(.+)", key):
-        return f"decoder.up.{blocks - 1 - int(match[1])}.upsample.{match[2]}", value
-    if match := re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.+)", key):
-        return f"{match[1]}.mid.block_{int(match[2]) + 1}.{_resnet(match[3], shortcut)}", value
-    if match := re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)\.(\w+)", key):
-        value = value[:, :, None, None] if value.ndim == 2 else value
-        return f"{match[1]}.mid.attn_1.{_VAE_ATTENTION[match[2]]}.{match[3]}", value
-    return key.replace("conv_norm_out", "norm_out"), value
-
-
-def _to_ldm(model: BaseModel) -> dict[str, torch.Tensor]:
-    unet_config = dict(model.unet.config)
-    blocks = len(model.vae.config.down_block_types)
-    state = {
-        models.UNET_PREFIX + _ldm_unet_key(key, unet_config): value
-        for key, value in model.unet.state_dict().items()
-    }
-    for key, value in model.vae.state_dict().items():
-        ldm_key, ldm_value = _ldm_vae_item(key, value, blocks)
-        state[models.VAE_PREFIX + ldm_key] = ldm_value
-    for key, value in model.text_encoder.state_dict().items():
-        state[models.TEXT_PREFIX + "text_model." + key] = value
-    return {key: value.contiguous() for key, value in state.items()}
-
 
 def _assert_same_weights(first: BaseModel, second: BaseModel) -> None:
     for part in ("unet", "vae", "text_encoder"):
@@ -392,7 +298,7 @@ def tiny_single_file(
     """
     monkeypatch.setattr(models, "SD15_CONFIGS", TINY_CONFIGS)
     monkeypatch.setattr(models, "SD1_CONTEXT_WIDTH", tiny.unet.config.cross_attention_dim)
-    state = _to_ldm(tiny)
+    state = {key: value.contiguous() for key, value in ldm_state_dict(tiny).items()}
     # Extras real checkpoints carry: the EMA copy and the text position ids buffer.
     state["model_ema.decay"] = torch.tensor(0.9999)
     state[models.TEXT_PREFIX + "text_model.embeddings.position_ids"] = torch.arange(77)[None]
