@@ -427,7 +427,7 @@ class Loop:
 
     # ---------------------------------------------------------------- state
     def _position(
-        self, epoch: int, batches_done: int, losses: list[float], result: RunResult
+        self, epoch: int, batches_done: int, losses: list[torch.Tensor], result: RunResult
     ) -> Position:
         return Position(
             epoch=epoch,
@@ -505,6 +505,7 @@ class Loop:
                     ends_group = index == group[-1]
                     in_step = sum(len(b.items) for r in group for b in rounds[r] if b is not None)
                     loss = self._micro_step(*batch, in_step=in_step, optimizer_step=ends_group)
+                    done = index + 1
                     if loss is not None:  # None: this process had no batch in this round
                         losses.append(loss)
                     if not ends_group:
@@ -521,7 +522,7 @@ class Loop:
                     if stop.requested:
                         break
                 if stop.requested:
-                    stopped_at = self._position(epoch, len(losses), losses, result)
+                    stopped_at = self._position(epoch, done, losses, result)
                     break
                 epoch_losses = torch.stack(losses).tolist()
                 result.epoch_losses.append(sum(epoch_losses) / len(epoch_losses))
