@@ -4,8 +4,8 @@ The caches are counted exactly (latents per image variant, text-encoder outputs 
 caption). Peak VRAM is a model: the parts that are plain arithmetic (frozen weights, the
 network with its gradients and optimizer state, the full-size weights the LoHA layer
 path keeps for the backward) plus activations, which scale with batch x latent pixels
-at a rate measured on a GPU and kept here as constants. The model is checked against
-every figure that measurement produced (tests/test_memory_estimate.py); what it does not
+at a rate measured on a GPU and kept here as constants: fitted to four measured runs,
+checked against all seven (tests/test_memory_estimate.py). What it does not
 count: the CUDA context (~0.5 GiB per process, outside PyTorch's allocator) and
 fragmentation.
 """
@@ -16,15 +16,11 @@ import math
 from dataclasses import dataclass
 
 import torch
-from accelerate import init_empty_weights
-from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
 
 from meebs.dataset import DatasetScan
-from meebs.metadata import recipe_network
 from meebs.plan import bucket_assigner
 from meebs.recipe import Recipe
-from meebs.size_estimate import _architecture, _read_config
+from meebs.size_estimate import empty_model
 
 GIB = 2**30
 LATENT_CHANNELS, LATENT_SCALE = 4, 8
@@ -73,16 +69,12 @@ def estimate_memory(recipe: Recipe, scan: DatasetScan) -> MemoryEstimate:
     train = recipe.train
     half = train.mixed_precision in ("fp16", "bf16")
     compute_bytes = 2 if half else 4
-    unet_config, text_config = _architecture(recipe)
-    with torch.random.fork_rng(), init_empty_weights():
-        unet = UNet2DConditionModel.from_config(unet_config)
-        text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(text_config))
-        vae = AutoencoderKL.from_config(_vae_config(recipe))
-        network = recipe_network(recipe, unet, text_encoder)
-    frozen = (_count(unet) + _count(text_encoder)) * compute_bytes + _count(vae) * 4
-    trained = sum(p.numel() for p in network.parameters())
+    model = empty_model(recipe)
+    frozen = (_count(model.unet) + _count(model.text_encoder)) * compute_bytes
+    frozen += _count(model.vae) * 4
+    trained = _count(model.network)
     state = 4 + 4 + OPTIMIZER_STATE.get(train.optimizer, 8)
-    wrapped = sum(lora.org_module[0].weight.numel() for lora in network.loras)
+    wrapped = sum(lora.org_module[0].weight.numel() for lora in model.network.loras)
     layer = _layer_bytes(recipe, wrapped * compute_bytes)
     slope, intercept = ACTIVATIONS[train.gradient_checkpointing]
     width, height = recipe.data.resolution
@@ -90,7 +82,7 @@ def estimate_memory(recipe: Recipe, scan: DatasetScan) -> MemoryEstimate:
     activations = intercept + slope * train.batch_size * pixels
     return MemoryEstimate(
         latent_cache_bytes=_latent_bytes(recipe, scan) if recipe.data.cache_latents else 0,
-        text_cache_bytes=_text_bytes(recipe, scan, text_config, compute_bytes),
+        text_cache_bytes=_text_bytes(recipe, scan, model.text_config, compute_bytes),
         frozen_gib=frozen / GIB,
         network_gib=trained * state / GIB,
         layer_gib=layer / GIB,
@@ -111,12 +103,6 @@ def _layer_bytes(recipe: Recipe, effective_weights: int) -> float:
     if path == "low-memory":
         return 0.0
     return effective_weights * (LYCORIS_LAYER_FACTOR if path == "lycoris" else 1.0)
-
-
-def _vae_config(recipe: Recipe) -> dict:
-    from meebs.models import SD15_CONFIGS, TINY_CONFIGS
-
-    return _read_config(TINY_CONFIGS if recipe.model.builtin == "tiny" else SD15_CONFIGS, "vae")
 
 
 def _latent_bytes(recipe: Recipe, scan: DatasetScan) -> int:

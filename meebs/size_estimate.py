@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from accelerate import init_empty_weights
-from diffusers import UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from meebs.dataset import DatasetScan
@@ -71,16 +71,33 @@ def estimate_network_file(recipe: Recipe, scan: DatasetScan, plan: Plan) -> Size
 
 
 def network_shapes(recipe: Recipe) -> dict[str, tuple[int, ...]]:
-    """Name and shape of every tensor the recipe's network file will hold.
-
-    The caller's random state is left alone: creating the network draws its init values.
-    """
-    unet_config, text_config = _architecture(recipe)
-    with torch.random.fork_rng(), init_empty_weights():
-        unet = UNet2DConditionModel.from_config(unet_config)
-        text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(text_config))
-        network = recipe_network(recipe, unet, text_encoder)
+    """Name and shape of every tensor the recipe's network file will hold."""
+    network = empty_model(recipe).network
     return {key: tuple(value.shape) for key, value in network.state_dict().items()}
+
+
+@dataclass(frozen=True)
+class EmptyModel:
+    """The recipe's base model and network with shapes but no weights (meta tensors)."""
+
+    unet: torch.nn.Module
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    network: torch.nn.Module
+    text_config: dict[str, Any]
+
+
+def empty_model(recipe: Recipe) -> EmptyModel:
+    """Build it in well under a second, whatever its size; the caller's random state is
+    left alone (creating the network draws its init values)."""
+    config_dir = _config_dir(recipe)
+    text_config = _read_config(config_dir, "text_encoder")
+    with torch.random.fork_rng(), init_empty_weights():
+        unet = UNet2DConditionModel.from_config(_read_config(config_dir, "unet"))
+        text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(text_config))
+        vae = AutoencoderKL.from_config(_read_config(_vae_config_dir(recipe), "vae"))
+        network = recipe_network(recipe, unet, text_encoder)
+    return EmptyModel(unet, text_encoder, vae, network, text_config)
 
 
 def safetensors_size(
@@ -110,18 +127,21 @@ def safetensors_size(
     )
 
 
-def _architecture(recipe: Recipe) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(UNet config, text-encoder config) of the base model the recipe trains on.
+def _config_dir(recipe: Recipe, part: str = "unet") -> Path:
+    """Where the configs of the base model the recipe trains on are.
 
     A diffusers folder brings its own configs; a single file is always read as SD 1.5
     (`meebs.models`), and so is a path that does not exist yet: `plan` works before
     `fetch-model` has run.
     """
     model = recipe.model
-    config_dir = TINY_CONFIGS if model.builtin == "tiny" else SD15_CONFIGS
-    if model.path is not None and (Path(model.path) / "unet" / "config.json").is_file():
-        config_dir = Path(model.path)
-    return _read_config(config_dir, "unet"), _read_config(config_dir, "text_encoder")
+    if model.path is not None and (Path(model.path) / part / "config.json").is_file():
+        return Path(model.path)
+    return TINY_CONFIGS if model.builtin == "tiny" else SD15_CONFIGS
+
+
+def _vae_config_dir(recipe: Recipe) -> Path:
+    return _config_dir(recipe, "vae")
 
 
 def _read_config(config_dir: Path, part: str) -> dict[str, Any]:
