@@ -482,7 +482,10 @@ class Loop:
         at = resuming.position if resuming else None
         if resuming:
             self._restore_generators(resuming.generators)
-        self.validator = Validator(self, console) if recipe.validation.enabled else None
+        # validation never touches training's random streams, so only the process that
+        # writes the run's files needs to spend the time
+        scores = recipe.validation.enabled and self.accelerator.is_main_process
+        self.validator = Validator(self, console) if scores else None
         if self.validator and not resuming:  # epoch 0: the base model, the baseline
             self._validate(0, result, writer)
         with self._progress(console) as progress:

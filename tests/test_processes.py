@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 COMMON = [
     "train.epochs=1",
     "sample.every_n_epochs=0",
-    "validation.enabled=false",
+    "validation.enabled=true",  # on the main process only: the ranks must still agree
     "output.save_precision=fp32",
     "train.threads=1",  # two processes on two cores
 ]
@@ -66,6 +66,7 @@ def test_two_processes_agree_and_match_one(tmp_path: Path) -> None:
     record = json.loads((two / "manifest.json").read_text())
     assert record["status"] == "finished"
     assert record["processes"]["count"] == 2
+    assert record["validation"]["evaluations"]  # scored by the main process
     digests = record["processes"]["network_sha256"]
     assert len(digests) == 2 and digests[0] == digests[1]  # both ranks ended identical
     single = json.loads((one / "manifest.json").read_text())
