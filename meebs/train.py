@@ -527,7 +527,7 @@ class Loop:
                 if stop.requested:
                     stopped_at = self._position(epoch, done, losses, result)
                     break
-                epoch_losses = torch.stack(losses).tolist()
+                epoch_losses = torch.stack(losses).tolist() if losses else [float("nan")]
                 result.epoch_losses.append(sum(epoch_losses) / len(epoch_losses))
                 writer.add_scalar("loss/epoch", result.epoch_losses[-1], epoch)
                 with self.perf.excluded():
@@ -758,13 +758,14 @@ class Loop:
         in one go; returns the last step's loss and first learning rate."""
         values = torch.stack(losses).tolist() if losses else []
         for step, seen, lrs in self._pending:
-            writer.add_scalar("loss/step", values[seen - 1], step)
-            writer.add_scalar("loss/average", sum(values[:seen]) / seen, step)
+            if seen:  # (a process may have had no batch yet: a short last one, split)
+                writer.add_scalar("loss/step", values[seen - 1], step)
+                writer.add_scalar("loss/average", sum(values[:seen]) / seen, step)
             for name, lr in lrs.items():
                 writer.add_scalar(f"lr/{name}", lr, step)
         last_lr = next(iter(self._pending[-1][2].values()))
         self._pending = []
-        return values[-1], last_lr
+        return values[-1] if values else float("nan"), last_lr
 
     def _end_of_epoch(self, epoch: int, result: RunResult, writer: SummaryWriter) -> None:
         names = dict(self.plan.files)

@@ -30,14 +30,14 @@ COMMON = [
 ]
 
 
-def train_run(out: Path, processes: int, batch: int) -> Path:
+def train_run(out: Path, processes: int, batch: int, *extra: str) -> Path:
     launch = [sys.executable, "-m", "accelerate.commands.launch"]
     if processes > 1:
         launch += ["--multi_gpu", "--num_processes", str(processes)]
     else:
         launch += ["--num_processes", "1"]
     launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    overrides = [*COMMON, f"output.dir={out}", f"train.batch_size={batch}"]
+    overrides = [*COMMON, f"output.dir={out}", f"train.batch_size={batch}", *extra]
     command = [*launch, "entrypoint.py", "train", "recipes/demo.yaml", *overrides]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -82,6 +82,23 @@ def test_two_processes_agree_and_match_one(tmp_path: Path) -> None:
         f"cosine {cosine:.9f}, relative L2 difference {relative:.2e}"
     )
     assert cosine > 0.999 and relative < 0.01
+
+
+@pytest.mark.slow
+def test_a_process_without_a_batch_still_steps_with_the_others(tmp_path: Path) -> None:
+    """One image, no reg images: every batch holds one sample, so the second process has
+    none in any round; it still joins each all-reduce and ends with the same network."""
+    folder = tmp_path / "data" / "1_meeb"
+    folder.mkdir(parents=True)
+    image = sorted((ROOT / "data/demo/train/10_meeb").glob("*.png"))[0]
+    for path in (image, image.with_suffix(".txt")):
+        (folder / path.name).write_bytes(path.read_bytes())
+    extra = [f"data.train_dir={folder.parent}", "data.reg_dir=null", "validation.enabled=false"]
+    run = train_run(tmp_path / "out", 2, 1, "train.epochs=2", *extra)
+    record = json.loads((run / "manifest.json").read_text())
+    assert record["status"] == "finished" and record["steps"] == 2
+    digests = record["processes"]["network_sha256"]
+    assert len(digests) == 2 and digests[0] == digests[1]
 
 
 @pytest.mark.parametrize(
