@@ -20,7 +20,7 @@ import torch
 from meebs.dataset import DatasetScan
 from meebs.plan import bucket_assigner
 from meebs.recipe import Recipe
-from meebs.size_estimate import empty_model
+from meebs.size_estimate import EmptyModel, empty_model
 
 GIB = 2**30
 LATENT_CHANNELS, LATENT_SCALE = 4, 8
@@ -65,11 +65,13 @@ class MemoryEstimate:
         ]
 
 
-def estimate_memory(recipe: Recipe, scan: DatasetScan) -> MemoryEstimate:
+def estimate_memory(
+    recipe: Recipe, scan: DatasetScan, model: EmptyModel | None = None
+) -> MemoryEstimate:
     train = recipe.train
     half = train.mixed_precision in ("fp16", "bf16")
     compute_bytes = 2 if half else 4
-    model = empty_model(recipe)
+    model = model or empty_model(recipe)
     frozen = (_count(model.unet) + _count(model.text_encoder)) * compute_bytes
     frozen += _count(model.vae) * 4
     trained = _count(model.network)

@@ -170,12 +170,14 @@ def print_plan(recipe: Recipe, scan: DatasetScan, plan: Plan, console: Console) 
     for epoch, name in plan.files:
         files.add_row(str(epoch), name)
     console.print(files)
-    from meebs.size_estimate import estimate_network_file  # it imports this module
+    # these import this module; the model they share is built once (shapes, no weights)
+    from meebs.memory_estimate import estimate_memory
+    from meebs.size_estimate import empty_model, estimate_network_file
 
-    console.print(f"Each network file: {estimate_network_file(recipe, scan, plan).describe()}")
-    from meebs.memory_estimate import estimate_memory  # it imports this module
-
-    for line in estimate_memory(recipe, scan).describe():
+    model = empty_model(recipe)
+    size = estimate_network_file(recipe, scan, plan, model)
+    console.print(f"Each network file: {size.describe()}")
+    for line in estimate_memory(recipe, scan, model).describe():
         console.print(line)
     if scan.held_out:
         _print_held_out(recipe, scan, plan, console)

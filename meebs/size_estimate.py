@@ -57,22 +57,24 @@ class SizeEstimate:
         )
 
 
-def estimate_network_file(recipe: Recipe, scan: DatasetScan, plan: Plan) -> SizeEstimate:
+def estimate_network_file(
+    recipe: Recipe, scan: DatasetScan, plan: Plan, model: EmptyModel | None = None
+) -> SizeEstimate:
     """The size of the recipe's final network file, without loading the base model.
 
     The metadata is the trainer's own (`build_metadata`); only the facts known after
     loading (the base model's hashes, fallbacks) are stand-ins of the right length.
     """
-    shapes = network_shapes(recipe)
+    shapes = network_shapes(recipe, model)
     metadata = build_metadata(
         recipe, scan, plan, _planned_facts(recipe), epoch=plan.epochs, step=plan.total_steps
     )
     return safetensors_size(shapes, recipe.output.save_precision, metadata)
 
 
-def network_shapes(recipe: Recipe) -> dict[str, tuple[int, ...]]:
+def network_shapes(recipe: Recipe, model: EmptyModel | None = None) -> dict[str, tuple[int, ...]]:
     """Name and shape of every tensor the recipe's network file will hold."""
-    network = empty_model(recipe).network
+    network = (model or empty_model(recipe)).network
     return {key: tuple(value.shape) for key, value in network.state_dict().items()}
 
 

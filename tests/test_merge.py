@@ -431,21 +431,12 @@ def test_a_failed_single_file_merge_writes_nothing(tmp_path):
     assert not into.exists() and not pin_path(into).exists()
 
 
-def reference_unet_weights() -> dict[str, tuple[int, ...]]:
-    lines = (REFERENCE_SD15 / "sd15_ldm_unet_weights.txt").read_text().splitlines()
+def reference_weights(file: str, prefix: str) -> dict[str, tuple[int, ...]]:
+    """`prefix + name + .weight` -> shape, from a `name 320x4x3x3` reference list."""
+    lines = (REFERENCE_SD15 / file).read_text().splitlines()
     entries = (line.split() for line in lines if line.strip() and not line.startswith("#"))
     return {
-        f"model.diffusion_model.{name}.weight": tuple(int(n) for n in shape.split("x"))
-        for name, shape in entries
-    }
-
-
-def reference_text_linears() -> dict[str, tuple[int, ...]]:
-    lines = (REFERENCE_SD15 / "sd15_text_encoder_linear_weights.txt").read_text().splitlines()
-    entries = (line.split() for line in lines if line.strip() and not line.startswith("#"))
-    return {
-        f"cond_stage_model.transformer.{name}.weight": tuple(int(n) for n in shape.split("x"))
-        for name, shape in entries
+        f"{prefix}{name}.weight": tuple(int(n) for n in shape.split("x")) for name, shape in entries
     }
 
 
@@ -464,8 +455,11 @@ def test_sd15_single_file_has_the_real_key_layout_and_loads_back_pinned(tmp_path
         for key, shape in shapes.items()
         if key.startswith("model.diffusion_model.") and key.endswith(".weight")
     }
-    assert unet_weights == reference_unet_weights()
-    assert reference_text_linears().items() <= shapes.items()
+    assert unet_weights == reference_weights("sd15_ldm_unet_weights.txt", "model.diffusion_model.")
+    text_linears = reference_weights(
+        "sd15_text_encoder_linear_weights.txt", "cond_stage_model.transformer."
+    )
+    assert text_linears.items() <= shapes.items()
     assert REAL_SD15_VAE_KEYS.items() <= shapes.items()
     assert not set(OMITTED_REAL_KEYS) & shapes.keys()
     assert not any(key.startswith("model_ema.") for key in shapes)
