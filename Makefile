@@ -28,7 +28,8 @@ check_recipe = $(if $(wildcard $(recipe_file)),,$(error unknown recipe '$(RECIPE
 
 .DEFAULT_GOAL := help
 .PHONY: help demo test test-fast lint format plan train fetch-model tensorboard bench venv \
-        lock clean clean-venv docker-check gpu-check image reproduce record data grid
+        lock clean clean-venv docker-check gpu-check image reproduce record data grid \
+        demo-learn pretrain-tiny
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -54,6 +55,13 @@ data: $(VENV)/.installed ## redraw data/ (img_1.0, reg, img_1.1 via prep, demo):
 
 demo: $(VENV)/.installed ## train recipes/demo.yaml on the CPU (~1 min), print where files are
 	$(PY) entrypoint.py train recipes/demo.yaml
+
+demo-learn: $(VENV)/.installed ## train recipes/demo-learn.yaml (~5 min), then the verdict (~3 min): meeb rate per epoch, grid
+	$(PY) entrypoint.py train recipes/demo-learn.yaml
+	$(PY) entrypoint.py verdict outputs/meebs_demo_learn
+
+pretrain-tiny: $(VENV)/.installed ## retrain builtin tiny-trained (~25 min, 2 cores); compare with the committed bytes
+	$(PY) -m meebs.pretrain_tiny $(ARGS)
 
 test: $(VENV)/.installed ## run the whole test suite (CPU only, no network)
 	$(PY) -m pytest -q --durations=10

@@ -99,7 +99,7 @@ class PersonPose:
     hand_jitter: tuple[Point, Point]
 
 
-class _Pen:
+class Pen:
     """ImageDraw on the 100-unit grid, around an origin and with a zoom: every coordinate
     and width is scaled, so a drawing can be placed and sized without changing its code."""
 
@@ -142,6 +142,13 @@ class _Pen:
             for x, y in (start, end):
                 self.ellipse(x, y, thickness / 2, thickness / 2, colour, outline=0)
 
+    def polygon(self, points: Sequence[Point], fill: Color, outline: float = 2) -> None:
+        """A filled polygon with a dark outline `outline` units wide (0: none)."""
+        flat = self._xy([value for point in points for value in point])
+        corners = list(zip(flat[::2], flat[1::2], strict=True))
+        border = OUTLINE if outline else None
+        self._draw.polygon(corners, fill=fill, outline=border, width=self._width(outline))
+
     def arc(self, cx: float, cy: float, rx: float, ry: float, start: int, end: int) -> None:
         """A dark arc (a smile) of the ellipse around (cx, cy)."""
         box = self._xy((cx - rx, cy - ry, cx + rx, cy + ry))
@@ -154,14 +161,14 @@ def mix(color: Color, other: Color, amount: float) -> Color:
     return red, green, blue
 
 
-def _canvas(size: int, transparent: bool) -> Image.Image:
+def canvas(size: int, transparent: bool) -> Image.Image:
     big = size * SUPERSAMPLE
     if transparent:
         return Image.new("RGBA", (big, big), (0, 0, 0, 0))
     return Image.new("RGB", (big, big), WHITE)
 
 
-def _shrink(image: Image.Image, size: int) -> Image.Image:
+def shrink(image: Image.Image, size: int) -> Image.Image:
     return image.resize((size, size), Image.Resampling.BOX)
 
 
@@ -171,8 +178,8 @@ def draw_meeb(pose: MeebPose, color: Color, size: int) -> Image.Image:
     colours of one pose differ in nothing else."""
     if pose.action not in _HANDS or pose.prop not in MEEB_PROPS or pose.mouth not in MOUTHS:
         raise ValueError(f"unknown action, prop or mouth in {pose}")
-    image = _canvas(size, transparent=True)
-    pen = _Pen(image, (pose.x, pose.y), pose.zoom)
+    image = canvas(size, transparent=True)
+    pen = Pen(image, (pose.x, pose.y), pose.zoom)
     rx, ry = pose.width, pose.height
     dark = mix(color, OUTLINE, 0.35)
     for side in (-1, 1):  # feet and ears first: the body overlaps them
@@ -185,11 +192,11 @@ def draw_meeb(pose: MeebPose, color: Color, size: int) -> Image.Image:
     _draw_face(pen, pose, -ry * 0.25)
     if pose.prop in TWO_HANDED:
         _draw_held_in_front(pen, pose.prop, rx, dark)
-    shrunk = _shrink(image, size)
+    shrunk = shrink(image, size)
     return shrunk.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if pose.mirrored else shrunk
 
 
-def _draw_face(pen: _Pen, pose: MeebPose, cy: float) -> None:
+def _draw_face(pen: Pen, pose: MeebPose, cy: float) -> None:
     """Big eyes looking the same way, with pupils and highlights, and a mouth."""
     look_x, look_y = pose.gaze
     centres = (0.0,) if pose.eyes == 1 else (-pose.eye_gap, pose.eye_gap)
@@ -206,7 +213,7 @@ def _draw_face(pen: _Pen, pose: MeebPose, cy: float) -> None:
         pen.arc(0, mouth_y, width, 3.5, 15 if pose.mouth == "grin" else 25, 165)
 
 
-def _draw_arms(pen: _Pen, pose: MeebPose, rx: float, dark: Color) -> None:
+def _draw_arms(pen: Pen, pose: MeebPose, rx: float, dark: Color) -> None:
     """Arms behind the body, hands where the action puts them, a phone or mug in a hand."""
     hands = []
     for side, hand, jitter in zip((-1, 1), _HANDS[pose.action], pose.arm_jitter, strict=True):
@@ -223,7 +230,7 @@ def _draw_arms(pen: _Pen, pose: MeebPose, rx: float, dark: Color) -> None:
         pen.rectangle((left_x - 4, left_y - 7, left_x + 5, left_y + 5), (220, 70, 60), 1)
 
 
-def _draw_held_in_front(pen: _Pen, prop: str, rx: float, dark: Color) -> None:
+def _draw_held_in_front(pen: Pen, prop: str, rx: float, dark: Color) -> None:
     """A laptop (lid towards the viewer) or an open book in front of the belly, arms round."""
     top = 6
     if prop == "a laptop":
@@ -238,10 +245,11 @@ def _draw_held_in_front(pen: _Pen, prop: str, rx: float, dark: Color) -> None:
         pen.limb((side * (rx - 3), 2), (side * 16, top + 14), dark)
 
 
-def draw_person(pose: PersonPose, size: int) -> Image.Image:
-    """A plain person: round head, hair, a shirt, stick arms and legs, on white (RGB)."""
-    image = _canvas(size, transparent=False)
-    pen = _Pen(image, (pose.x, pose.y), pose.zoom)
+def draw_person(pose: PersonPose, size: int, transparent: bool = False) -> Image.Image:
+    """A plain person: round head, hair, a shirt, stick arms and legs, on white (RGB), or
+    on a transparent background (RGBA)."""
+    image = canvas(size, transparent=transparent)
+    pen = Pen(image, (pose.x, pose.y), pose.zoom)
     for side, jitter in zip((-1, 1), pose.hand_jitter, strict=True):
         pen.limb((side * 5, 7), (side * pose.spread, 37), TROUSERS, width=6)
         raised = pose.action == "arms raised" or (pose.action == "waving" and side == 1)
@@ -250,4 +258,4 @@ def draw_person(pose: PersonPose, size: int) -> Image.Image:
     pen.rectangle((-11, -23, 11, 11), pose.shirt, radius=5)
     pen.ellipse(0, -35, 10, 11, pose.skin)
     pen.ellipse(0, -43, 10, 5, HAIR, outline=0)
-    return _shrink(image, size)
+    return shrink(image, size)

@@ -15,6 +15,7 @@
     python entrypoint.py tensorboard   # TensorBoard on outputs/ [--host H] [--port P]
     python entrypoint.py generate "a drawing of meeb <lyco:meebs_demo:1>" --seed 1
     python entrypoint.py grid outputs/meebs_demo/RUN [--weights 0.5,1] [--seeds 1,2]
+    python entrypoint.py verdict outputs/meebs_demo_learn   # meeb rate per epoch (latest run)
     python entrypoint.py inspect outputs/meebs_demo/RUN/meebs_demo.safetensors
     python entrypoint.py prep check data/img_1.0          # a dataset's problems, no changes
     python entrypoint.py prep data/img_1.0 --to NEWDIR ... # a cleaned copy and its record
@@ -113,6 +114,10 @@ def _parser() -> argparse.ArgumentParser:
     grid.add_argument("--weights", help="comma-separated multipliers, e.g. 0.25,0.5,0.75,1")
     grid.add_argument("--seeds", help="comma-separated seeds (default: the prompts' own)")
     grid.add_argument("--out", help="PNG to write (default: RUN/grid.png)")
+    text = "score a run on the tiny-trained base: meeb rate and class kept per epoch, a grid"
+    verdict = commands.add_parser("verdict", help=text, description=text)
+    verdict.add_argument("run", help="run folder, or outputs/NAME for its latest run")
+    verdict.add_argument("--scorers", help="folder of the scorer files (default: the built-in)")
     text = "show what a network file holds: modules, algo, ranks, alphas, training metadata"
     inspect = commands.add_parser("inspect", help=text, description=text)
     inspect.add_argument("file", help="a .safetensors network file")
@@ -184,7 +189,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         from meebs.merge import run_merge
 
         return run_merge(args, console)
-    if args.command in ("generate", "grid", "inspect"):
+    if args.command in ("generate", "grid", "inspect", "verdict"):
         return _try_networks(args, console)
     if args.command in ("import-kohya", "export-kohya"):
         return _kohya(args)
@@ -287,9 +292,15 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
 
 
 def _try_networks(args: argparse.Namespace, console: Console) -> int:
-    """generate / grid / inspect: use trained networks without a UI."""
+    """generate / grid / inspect / verdict: use trained networks without a UI."""
     from pathlib import Path
 
+    if args.command == "verdict":
+        from meebs.verdict import SCORER_DIR, latest_run, make_verdict
+
+        scorers = Path(args.scorers) if args.scorers else SCORER_DIR
+        make_verdict(latest_run(Path(args.run)), console, scorer_dir=scorers)
+        return 0
     if args.command == "inspect":
         from meebs.inspect_network import inspect_file
 

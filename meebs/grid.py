@@ -65,7 +65,7 @@ def make_grid(
     prompts = _rows(recipe_prompts(recipe), seeds)
     if not prompts:
         raise MeebsError(f"{recipe_file} has no sample prompts (sample.prompts) to draw")
-    epochs = _epoch_files(run)
+    epochs = epoch_files(run)
     weights = weights or [1.0]
     out = out or run / GRID_NAME
     if not out.parent.is_dir():
@@ -119,7 +119,7 @@ def _rows(prompts: list[SamplePrompt], seeds: list[int] | None) -> list[SamplePr
     return [dataclasses.replace(prompt, seed=seed) for prompt in prompts for seed in seeds]
 
 
-def _epoch_files(run: Path) -> list[tuple[int, Path]]:
+def epoch_files(run: Path) -> list[tuple[int, Path]]:
     """(epoch, file) of every network in the run, in training order."""
     found = []
     for path in run.glob("*.safetensors"):

@@ -45,7 +45,10 @@ CONFIGS = Path(__file__).parent / "configs"
 SD15_CONFIGS = CONFIGS / "sd15"
 TINY_CONFIGS = CONFIGS / "tiny"
 SCHEDULER_CONFIG = SD15_CONFIGS / "scheduler" / "scheduler_config.json"
-BUILTINS = ("tiny", "sd15-random")
+BUILTINS = ("tiny", "tiny-trained", "sd15-random")
+TINY_TRAINED = Path(__file__).parent / "assets" / "tiny-trained"
+TINY_TRAINED_SHA256 = "c09d0c38452f6180f46fab7cab569382c3a8c9f750275caad76fce3251e3d140"
+"""The folder sha256 of the committed `tiny-trained` weights (see its MODEL_CARD.md)."""
 PICKLE_SUFFIXES = frozenset({".ckpt", ".pt", ".pth", ".bin"})
 
 # Key prefixes of the three SD 1.x parts in a single-file (LDM layout) checkpoint.
@@ -127,6 +130,14 @@ def build_tiny(seed: int = 0) -> BaseModel:
     unet, vae, text_encoder = _seeded_parts(TINY_CONFIGS, seed)
     parts = {"unet": unet, "vae": vae, "text_encoder": text_encoder}
     return _builtin("tiny", parts, state_dict_sha256(parts))
+
+
+def load_tiny_trained() -> BaseModel:
+    """The tiny base trained to draw people, shapes and made-up creatures by
+    `make pretrain-tiny`; committed as fp16 safetensors and pinned like any base."""
+    model = _load_folder(TINY_TRAINED, TINY_TRAINED_SHA256, allow_pickle=False)
+    model.name, model.source = "tiny-trained", "builtin:tiny-trained"
+    return model
 
 
 def build_sd15_random(seed: int = 0) -> BaseModel:
@@ -220,6 +231,8 @@ def folder_sha256(folder: Path, files: list[Path]) -> str:
 def _load_builtin(name: str) -> BaseModel:
     if name == "tiny":
         return build_tiny()
+    if name == "tiny-trained":
+        return load_tiny_trained()
     if name == "sd15-random":
         return build_sd15_random()
     raise ModelError(f"unknown model.builtin {name!r}: use one of {', '.join(BUILTINS)}")

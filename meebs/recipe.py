@@ -54,8 +54,10 @@ def knob(default: Any, doc: str, lo: float | None = None, hi: float | None = Non
 class ModelSection:
     """The base model: a built-in test model, a diffusers folder or a single file."""
 
-    builtin: Literal["tiny", "sd15-random"] | None = knob(
-        None, "built-in model: tiny (demo/tests) or sd15-random (full size, random weights)"
+    builtin: Literal["tiny", "tiny-trained", "sd15-random"] | None = knob(
+        None,
+        "built-in model: tiny (random, tests), tiny-trained (demo) or sd15-random (full size, "
+        "random weights)",
     )
     path: str | None = knob(None, "SD 1.5 diffusers folder or single-file .safetensors")
     sha256: str | None = knob(None, "pin: the run stops if the base model's sha256 differs")
@@ -474,7 +476,10 @@ def _check_combinations(recipe: Recipe, where: str) -> None:
         raise RecipeError(f"{where}: {key}: {message}")
 
     if (model.builtin is None) == (model.path is None):
-        fail("model", "set exactly one of model.builtin (tiny, sd15-random) or model.path")
+        fail(
+            "model",
+            "set exactly one of model.builtin (tiny, tiny-trained, sd15-random) or model.path",
+        )
     if model.sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", model.sha256):
         fail("model.sha256", "expected 64 lowercase hex digits")
     if not data.train_dir:

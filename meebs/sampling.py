@@ -274,13 +274,57 @@ def generate_samples(
     """
     if not prompts:
         return []
+    pipeline, embed = _pipeline(model, prompts[0].sampler, device, clip_skip, max_token_length)
+    with _quiet_sampling(model, device, dtype):
+        return [_draw(pipeline, prompt, embed) for prompt in prompts]
+
+
+def draw_batch(
+    model: BaseModel,
+    prompt: SamplePrompt,
+    seeds: list[int],
+    *,
+    device: torch.device | str,
+    clip_skip: int = 1,
+    max_token_length: int = 75,
+) -> torch.Tensor:
+    """`prompt` drawn once per seed in one batch (fp32), as images in [-1, 1] shaped
+    (N, 3, H, W): what the verdict scores 32 seeds of per prompt and epoch.
+
+    Each seed gets its own CPU generator for the starting and the ancestral noise, so an
+    image depends on its seed only, not on the batch it was drawn in.
+    """
+    pipeline, embed = _pipeline(model, prompt.sampler, device, clip_skip, max_token_length)
+    with _quiet_sampling(model, device, torch.float32):
+        count = len(seeds)
+        result = pipeline(
+            prompt_embeds=embed(prompt.prompt).expand(count, -1, -1),
+            negative_prompt_embeds=embed(prompt.negative).expand(count, -1, -1),
+            width=prompt.width,
+            height=prompt.height,
+            num_inference_steps=prompt.steps,
+            guidance_scale=prompt.cfg,
+            generator=[torch.Generator(device="cpu").manual_seed(seed) for seed in seeds],
+            output_type="pt",
+        )
+    return result.images.mul(2).sub(1).cpu()
+
+
+def _pipeline(
+    model: BaseModel,
+    sampler: str,
+    device: torch.device | str,
+    clip_skip: int,
+    max_token_length: int,
+) -> tuple[StableDiffusionPipeline, Callable[[str], torch.Tensor]]:
+    """A pipeline around the model's parts, and the prompt encoder training uses."""
     unet, vae, text_encoder, tokenizer = model.unet, model.vae, model.text_encoder, model.tokenizer
     pipeline = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=make_scheduler(prompts[0].sampler),
+        scheduler=make_scheduler(sampler),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -291,11 +335,20 @@ def generate_samples(
         ids = tokenize(tokenizer, [text], max_token_length, pad_to_longest=False)
         return encode(text_encoder, ids.to(device), clip_skip)
 
+    return pipeline, embed
+
+
+@contextlib.contextmanager
+def _quiet_sampling(
+    model: BaseModel, device: torch.device | str, dtype: torch.dtype
+) -> Iterator[None]:
+    """No grad, eval mode, autocast to `dtype` unless fp32, and the RNG state restored."""
     autocast = torch.autocast(
         torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32
     )
-    with torch.random.fork_rng(), torch.no_grad(), _eval_mode(unet, vae, text_encoder), autocast:
-        return [_draw(pipeline, prompt, embed) for prompt in prompts]
+    parts = (model.unet, model.vae, model.text_encoder)
+    with torch.random.fork_rng(), torch.no_grad(), _eval_mode(*parts), autocast:
+        yield
 
 
 def _draw(

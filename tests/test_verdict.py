@@ -1,0 +1,62 @@
+"""verdict: a shortened demo-learn (5 epochs of 10 on the tiny-trained base) must move the
+trigger prompt towards meebs and keep the class prompt's people; the table, JSON and grid
+are written, and bad input gets one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from rich.console import Console
+
+from meebs.errors import MeebsError
+from meebs.recipe import load_recipe
+from meebs.train import train
+from meebs.verdict import GRID_NAME, GRID_SEEDS, RESULT_NAME, latest_run, make_verdict
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_LEARN = REPO / "recipes" / "demo-learn.yaml"
+SEEDS = tuple(range(1000, 1016))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("outputs")
+    recipe = load_recipe(DEMO_LEARN, ["train.epochs=5", f"output.dir={root}"])
+    return train(recipe, Console(quiet=True)).run_dir
+
+
+@pytest.fixture(scope="module")
+def rows(run):
+    return make_verdict(run, Console(quiet=True), seeds=SEEDS)
+
+
+def test_one_epoch_moves_the_trigger_towards_meebs_and_keeps_people(rows):
+    base, epoch = rows
+    print(rows)
+    assert (base.label, epoch.label, epoch.epoch) == ("base", "epoch 1", 1)
+    assert base.meeb_rate <= 0.1
+    assert epoch.meeb_rate >= base.meeb_rate + 0.25
+    assert epoch.class_rate >= 0.8 * base.class_rate
+
+
+def test_json_and_grid(run, rows):
+    result = json.loads((run / RESULT_NAME).read_text())
+    assert result["trigger_prompt"] == "meeb, standing"
+    assert result["class_prompt"] == "person, standing"
+    assert result["seeds"] == list(SEEDS)
+    assert [row["label"] for row in result["rows"]] == ["base", "epoch 1"]
+    assert result["recommended_epoch"] == 1
+    grid = Image.open(run / GRID_NAME)
+    assert grid.width > 2 * 128 and grid.height > 2 * GRID_SEEDS * 128
+
+
+def test_latest_run_and_bad_input(run, tmp_path):
+    assert latest_run(run.parent) == run
+    assert latest_run(run) == run
+    with pytest.raises(MeebsError, match="not a run folder"):
+        make_verdict(tmp_path, Console(quiet=True))
+    with pytest.raises(MeebsError, match="no meeb scorer"):
+        make_verdict(run, Console(quiet=True), scorer_dir=tmp_path)
