@@ -24,7 +24,8 @@ SEEDS = tuple(range(1000, 1016))
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("outputs")
-    recipe = load_recipe(DEMO_LEARN, ["train.epochs=5", f"output.dir={root}"])
+    overrides = ["train.epochs=5", "output.save_every_n_epochs=5", f"output.dir={root}"]
+    recipe = load_recipe(DEMO_LEARN, overrides)
     return train(recipe, Console(quiet=True)).run_dir
 
 
@@ -36,9 +37,10 @@ def rows(run):
 def test_one_epoch_moves_the_trigger_towards_meebs_and_keeps_people(rows):
     base, epoch = rows
     print(rows)
-    assert (base.label, epoch.label, epoch.epoch) == ("base", "epoch 1", 1)
-    assert base.meeb_rate <= 0.1
-    assert epoch.meeb_rate >= base.meeb_rate + 0.25
+    assert (base.label, epoch.label, epoch.epoch) == ("base", "epoch 5", 5)
+    assert base.meeb_rate <= 0.05 and base.meeb_rate_shape <= 0.05
+    assert epoch.meeb_rate_shape >= base.meeb_rate_shape + 0.2
+    assert epoch.meeb_rate > base.meeb_rate
     assert epoch.class_rate >= 0.8 * base.class_rate
 
 
@@ -47,8 +49,8 @@ def test_json_and_grid(run, rows):
     assert result["trigger_prompt"] == "meeb, standing"
     assert result["class_prompt"] == "person, standing"
     assert result["seeds"] == list(SEEDS)
-    assert [row["label"] for row in result["rows"]] == ["base", "epoch 1"]
-    assert result["recommended_epoch"] == 1
+    assert [row["label"] for row in result["rows"]] == ["base", "epoch 5"]
+    assert result["recommended_epoch"] == 5
     grid = Image.open(run / GRID_NAME)
     assert grid.width > 2 * 128 and grid.height > 2 * GRID_SEEDS * 128
 
