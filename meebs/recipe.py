@@ -56,8 +56,8 @@ class ModelSection:
 
     builtin: Literal["tiny", "tiny-trained", "sd15-random"] | None = knob(
         None,
-        "built-in model: tiny (random, tests), tiny-trained (demo) or sd15-random (full size, "
-        "random weights)",
+        "built-in model: tiny (random; demo, tests), tiny-trained (demo-learn) or sd15-random "
+        "(full size, random weights)",
     )
     path: str | None = knob(None, "SD 1.5 diffusers folder or single-file .safetensors")
     sha256: str | None = knob(None, "pin: the run stops if the base model's sha256 differs")

@@ -26,7 +26,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from meebs.dataset import DatasetScan
 from meebs.metadata import RunFacts, build_metadata, recipe_network
-from meebs.models import SD15_CONFIGS, TINY_CONFIGS
+from meebs.models import SD15_CONFIGS, TINY_CONFIGS, TINY_TRAINED
 from meebs.plan import Plan
 from meebs.recipe import Recipe
 from meebs.safetensors_io import canonical_header
@@ -139,7 +139,7 @@ def _config_dir(recipe: Recipe, part: str = "unet") -> Path:
     model = recipe.model
     if model.path is not None and (Path(model.path) / part / "config.json").is_file():
         return Path(model.path)
-    return TINY_CONFIGS if model.builtin == "tiny" else SD15_CONFIGS
+    return {"tiny": TINY_CONFIGS, "tiny-trained": TINY_TRAINED}.get(model.builtin, SD15_CONFIGS)
 
 
 def _vae_config_dir(recipe: Recipe) -> Path:

@@ -150,10 +150,7 @@ def test_the_manifest_holds_every_field(first_run):
         assert entry["sha256"] == sha(path)
         assert entry["caption"] == path.with_suffix(".txt").read_text().strip()
     assert len(manifest["data"]["sha256"]) == 64
-    assert (
-        manifest["base_model"]["name"] == "tiny-trained"
-        and len(manifest["base_model"]["sha256"]) == 64
-    )
+    assert manifest["base_model"]["name"] == "tiny" and len(manifest["base_model"]["sha256"]) == 64
     commit = subprocess.run(
         ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
