@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -67,8 +68,6 @@ class MeebScorer(nn.Module):
 
     @classmethod
     def load(cls, path: Path) -> MeebScorer:
-        from safetensors import safe_open
-
         with safe_open(path, "pt") as handle:
             grayscale = handle.metadata()["grayscale"] == "true"
         scorer = cls(grayscale)

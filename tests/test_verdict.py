@@ -34,7 +34,7 @@ def rows(run):
     return make_verdict(run, Console(quiet=True), seeds=SEEDS)
 
 
-def test_one_epoch_moves_the_trigger_towards_meebs_and_keeps_people(rows):
+def test_five_epochs_move_the_trigger_towards_meebs_and_keep_people(rows):
     base, epoch = rows
     print(rows)
     assert (base.label, epoch.label, epoch.epoch) == ("base", "epoch 5", 5)
