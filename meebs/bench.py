@@ -106,6 +106,7 @@ def run_floor(recipe_path: str, overrides: list[str], steps: int) -> dict[str, f
     import torch.nn.functional as F
 
     from meebs.determinism import apply_determinism
+    from meebs.latents import latent_shape
     from meebs.loha_layer import use_layer_path
     from meebs.metadata import network_spec
     from meebs.models import load_base_model
@@ -130,7 +131,7 @@ def run_floor(recipe_path: str, overrides: list[str], steps: int) -> dict[str, f
     device = accelerator.device
     width, height = recipe.data.resolution
     batch = train.batch_size
-    latents = torch.randn(batch, 4, height // 8, width // 8, device=device)
+    latents = torch.randn(batch, *latent_shape(base.vae.config, width, height), device=device)
     ids = tokenize(base.tokenizer, ["meeb person"] * batch, 75, False).to(device)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     meter = PerfMeter(device)

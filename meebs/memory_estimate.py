@@ -18,12 +18,12 @@ from dataclasses import dataclass
 import torch
 
 from meebs.dataset import DatasetScan
+from meebs.latents import latent_shape
 from meebs.plan import bucket_assigner
 from meebs.recipe import Recipe
 from meebs.size_estimate import EmptyModel, empty_model
 
 GIB = 2**30
-LATENT_CHANNELS, LATENT_SCALE = 4, 8
 # Activations of one training step, in GiB, per sample and latent pixel (slope) and fixed
 # (intercept); SD 1.5 on an H200 (torch 2.11, CUDA 13, SDPA, fp16 autocast), fitted to
 # batch 2 at 256 and 512 px (ci/gpu_bench.sh, README "Running faster").
@@ -80,10 +80,12 @@ def estimate_memory(
     layer = _layer_bytes(recipe, wrapped * compute_bytes)
     slope, intercept = ACTIVATIONS[train.gradient_checkpointing]
     width, height = recipe.data.resolution
-    pixels = (width // LATENT_SCALE) * (height // LATENT_SCALE)
+    _, latent_height, latent_width = latent_shape(model.vae.config, width, height)
+    pixels = latent_height * latent_width
     activations = intercept + slope * train.batch_size * pixels
+    cached = recipe.data.cache_latents
     return MemoryEstimate(
-        latent_cache_bytes=_latent_bytes(recipe, scan) if recipe.data.cache_latents else 0,
+        latent_cache_bytes=_latent_bytes(recipe, scan, model.vae.config) if cached else 0,
         text_cache_bytes=_text_bytes(recipe, scan, model.text_config, compute_bytes),
         frozen_gib=frozen / GIB,
         network_gib=trained * state / GIB,
@@ -107,12 +109,12 @@ def _layer_bytes(recipe: Recipe, effective_weights: int) -> float:
     return effective_weights * (LYCORIS_LAYER_FACTOR if path == "lycoris" else 1.0)
 
 
-def _latent_bytes(recipe: Recipe, scan: DatasetScan) -> int:
+def _latent_bytes(recipe: Recipe, scan: DatasetScan, vae_config) -> int:
     """fp32 latents of every image variant: each image's bucket, flipped or not."""
     bucket = bucket_assigner(recipe)
 
     def latent(image) -> int:
-        return LATENT_CHANNELS * 4 * math.prod(side // LATENT_SCALE for side in bucket(image))
+        return 4 * math.prod(latent_shape(vae_config, *bucket(image)))
 
     flips = 2 if recipe.data.flip_aug else 1  # validation images are never flipped
     return flips * sum(map(latent, scan.unique_images)) + sum(map(latent, scan.held_out))

@@ -56,7 +56,7 @@ class ModelSection:
 
     builtin: Literal["tiny", "tiny-trained", "sd15-random"] | None = knob(
         None,
-        "built-in model: tiny (random; demo, tests), tiny-trained (demo-learn) or sd15-random "
+        "built-in model: tiny (random; tests), tiny-trained (the demos) or sd15-random "
         "(full size, random weights)",
     )
     path: str | None = knob(None, "SD 1.5 diffusers folder or single-file .safetensors")

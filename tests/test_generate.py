@@ -36,7 +36,14 @@ def outputs(tmp_path_factory) -> Path:
     """An outputs/ folder holding one 2-epoch demo run (meebs_demo, meebs_demo-000001)."""
     root = tmp_path_factory.mktemp("outputs")
     recipe = load_recipe(
-        DEMO, ["train.epochs=2", "train.batch_size=4", "sample.steps=2", f"output.dir={root}"]
+        DEMO,
+        [
+            "model.builtin=tiny",  # the random base: these tests need no learning
+            "train.epochs=2",
+            "train.batch_size=4",
+            "sample.steps=2",
+            f"output.dir={root}",
+        ],
     )
     train(recipe, Console(quiet=True))
     return root

@@ -24,7 +24,14 @@ def run(tmp_path_factory) -> Path:
     """A 2-epoch demo run: two epoch files, two sample prompts of 64x64."""
     root = tmp_path_factory.mktemp("outputs")
     recipe = load_recipe(
-        DEMO, ["train.epochs=2", "train.batch_size=4", "sample.steps=2", f"output.dir={root}"]
+        DEMO,
+        [
+            "model.builtin=tiny",  # the random base: these tests need no learning
+            "train.epochs=2",
+            "train.batch_size=4",
+            "sample.steps=2",
+            f"output.dir={root}",
+        ],
     )
     return train(recipe, Console(quiet=True)).run_dir
 

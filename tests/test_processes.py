@@ -22,6 +22,7 @@ from meebs.deltas import module_delta
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMON = [
+    "model.builtin=tiny",  # rank agreement, not learning: the random base
     "train.epochs=1",
     "sample.every_n_epochs=0",
     "validation.enabled=true",  # on the main process only: the ranks must still agree

@@ -77,7 +77,7 @@ def test_tiny_network_file_size(tmp_path, network, train, precision):
 def test_plan_estimate_matches_a_file_with_the_trainers_metadata(tmp_path, monkeypatch):
     """The whole `plan` path: the metadata a run writes is guessed before the run."""
     monkeypatch.chdir(ROOT)
-    recipe = load_recipe(DEMO)
+    recipe = load_recipe(DEMO, ["model.builtin=tiny"])  # the model built below
     scan = scan_data(recipe)
     plan = make_plan(recipe, scan)
     model = build_tiny()

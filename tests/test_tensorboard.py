@@ -61,7 +61,14 @@ def demo_logs(tmp_path_factory) -> Path:
     """outputs/ of one short demo run: 30 steps, one sample per prompt."""
     out = tmp_path_factory.mktemp("outputs")
     recipe = load_recipe(
-        DEMO, ["train.epochs=1", "train.batch_size=4", "sample.steps=2", f"output.dir={out}"]
+        DEMO,
+        [
+            "model.builtin=tiny",  # the random base: these tests need no learning
+            "train.epochs=1",
+            "train.batch_size=4",
+            "sample.steps=2",
+            f"output.dir={out}",
+        ],
     )
     result = train(recipe, Console(quiet=True))
     assert result.steps == STEPS

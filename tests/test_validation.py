@@ -24,7 +24,8 @@ from meebs.validation import Validator, spread_timesteps
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "recipes" / "demo.yaml"
-FAST = ["train.epochs=2", "train.batch_size=4", "sample.every_n_epochs=0"]
+# Engine mechanics, not learning: the random `tiny` base (the demo's own base is tiny-trained).
+FAST = ["model.builtin=tiny", "train.epochs=2", "train.batch_size=4", "sample.every_n_epochs=0"]
 FRACTION = ["validation.folder=null", "validation.fraction=0.34"]
 
 
