@@ -9,12 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from rich.console import Console
 from safetensors import safe_open
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from meebs import train as train_module
+from meebs import validation
 from meebs.dataset import ImageItem
 from meebs.errors import MeebsError
 from meebs.plan import make_plan, print_plan, scan_data
@@ -171,3 +173,42 @@ def test_validation_on_or_off_writes_the_same_tensors(tmp_path, demo_run):
     for with_val, without in zip(result.files, off.files, strict=True):
         a, b = load_file(with_val), load_file(without)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_images_share_forwards_without_changing_a_score(tmp_path, monkeypatch):
+    """Batched forwards (the demo's seven images in one, grouped by latent size) score
+    exactly as one image per forward does."""
+    val = tmp_path / "val" / "1_meeb"
+    val.mkdir(parents=True)
+    Image.open(REPO / "data/demo/val/1_meeb/meeb_029.png").resize((192, 64)).save(val / "wide.png")
+    (val / "wide.txt").write_text("meeb, lying down")
+    wide = [
+        f"validation.folder={tmp_path / 'val'}",
+        "data.resolution=128",
+        "data.enable_bucket=true",
+        "data.min_bucket_reso=64",
+    ]
+    loop = prepare(recipe(tmp_path, *wide), Console(quiet=True))
+    validator = Validator(loop, Console(quiet=True))
+    assert len({v.size for v in validator.variants.values()}) == 2
+    with torch.no_grad():
+        for p in loop.network.parameters():
+            p.add_(0.05)
+    forwards: list[int] = []
+    original = loop._denoising_losses
+
+    def counting(latents, *args):
+        forwards.append(len(latents))
+        return original(latents, *args)
+
+    monkeypatch.setattr(loop, "_denoising_losses", counting)
+    validator.evaluate(0, 0)  # the base model's class losses, computed once
+    forwards.clear()
+    batched = validator.evaluate(1, 1)
+    assert forwards == [8, 48]  # the wide image alone, then the six square ones
+    monkeypatch.setattr(validation, "FORWARD_LATENT_PIXELS", 1)
+    forwards.clear()
+    single = validator.evaluate(1, 1)
+    assert forwards == [8] * 7
+    assert single.subject_loss == pytest.approx(batched.subject_loss, rel=1e-6)
+    assert single.class_drift == pytest.approx(batched.class_drift, rel=1e-5, abs=1e-9)
