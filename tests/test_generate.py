@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from engine_runs import SHORT_RUN
 from PIL import Image
 from rich.console import Console
 from safetensors.torch import load_file, save_file
@@ -35,16 +36,7 @@ SAMPLERS = ["Euler a", "Euler", "DDIM", "DPM++ 2M", "DPM++ 2M Karras"]
 def outputs(tmp_path_factory) -> Path:
     """An outputs/ folder holding one 2-epoch demo run (meebs_demo, meebs_demo-000001)."""
     root = tmp_path_factory.mktemp("outputs")
-    recipe = load_recipe(
-        DEMO,
-        [
-            "model.builtin=tiny",  # the random base: these tests need no learning
-            "train.epochs=2",
-            "train.batch_size=4",
-            "sample.steps=2",
-            f"output.dir={root}",
-        ],
-    )
+    recipe = load_recipe(DEMO, [*SHORT_RUN, f"output.dir={root}"])
     train(recipe, Console(quiet=True))
     return root
 

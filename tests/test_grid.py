@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from engine_runs import SHORT_RUN
 from PIL import Image
 from rich.console import Console
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -23,16 +24,7 @@ DEMO = REPO / "recipes" / "demo.yaml"
 def run(tmp_path_factory) -> Path:
     """A 2-epoch demo run: two epoch files, two sample prompts of 64x64."""
     root = tmp_path_factory.mktemp("outputs")
-    recipe = load_recipe(
-        DEMO,
-        [
-            "model.builtin=tiny",  # the random base: these tests need no learning
-            "train.epochs=2",
-            "train.batch_size=4",
-            "sample.steps=2",
-            f"output.dir={root}",
-        ],
-    )
+    recipe = load_recipe(DEMO, [*SHORT_RUN, f"output.dir={root}"])
     return train(recipe, Console(quiet=True)).run_dir
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from engine_runs import SHORT_RUN
 from PIL import Image
 
 from meebs import perf
@@ -26,8 +27,6 @@ from meebs.recipe import load_recipe
 from meebs.reproduce import machine_class
 
 REPO = Path(__file__).resolve().parent.parent
-# Engine mechanics, not learning: the random `tiny` base (the demo's own base is tiny-trained).
-FAST = ["model.builtin=tiny", "train.epochs=2", "train.batch_size=4", "sample.steps=2"]
 
 
 @pytest.fixture(autouse=True)
@@ -39,7 +38,7 @@ def in_repo(monkeypatch):
 def train_cli(out: Path, *overrides: str, recipe: str = "recipes/demo.yaml") -> Path:
     """`entrypoint.py train` into `out`; returns the new run folder."""
     before = set(out.glob("meebs_demo/*"))
-    assert main(["train", recipe, *FAST, f"output.dir={out}", *overrides]) == 0
+    assert main(["train", recipe, *SHORT_RUN, f"output.dir={out}", *overrides]) == 0
     (run,) = set(out.glob("meebs_demo/*")) - before
     return run
 
@@ -135,13 +134,13 @@ def test_compare_two_runs_names_the_recipe_difference(first_run, tmp_path, capsy
 def test_the_manifest_holds_every_field(first_run):
     manifest = json.loads((first_run / "manifest.json").read_text())
     recipe = load_recipe(
-        REPO / "recipes/demo.yaml", [*FAST, f"output.dir={first_run.parent.parent}"]
+        REPO / "recipes/demo.yaml", [*SHORT_RUN, f"output.dir={first_run.parent.parent}"]
     )
     assert manifest["format"] == 1 and manifest["status"] == "finished"
     assert manifest["recipe"] == recipe.to_dict() and manifest["recipe_sha256"] == recipe.sha256()
     assert manifest["recipe_source"] == {
         "file": "recipes/demo.yaml",
-        "overrides": [*FAST, f"output.dir={first_run.parent.parent}"],
+        "overrides": [*SHORT_RUN, f"output.dir={first_run.parent.parent}"],
     }
     files = manifest["data"]["files"]
     on_disk = sorted((REPO / "data/demo").rglob("*.png"))
@@ -200,7 +199,7 @@ def test_interrupt_then_resume_gives_the_uninterrupted_bytes(
     first_run, tmp_path, monkeypatch, step
 ):
     interrupt_at(monkeypatch, step)
-    assert main(["train", "recipes/demo.yaml", *FAST, f"output.dir={tmp_path}"]) == 130
+    assert main(["train", "recipes/demo.yaml", *SHORT_RUN, f"output.dir={tmp_path}"]) == 130
     (run,) = tmp_path.glob("meebs_demo/*")
     assert (run / "resume.state").is_file()
     assert json.loads((run / "manifest.json").read_text())["status"] == "interrupted"
@@ -233,7 +232,8 @@ def test_resume_with_random_data_choices_and_uncached_latents(tmp_path, monkeypa
     whole = train_cli(tmp_path / "whole", *extra)
     interrupt_at(monkeypatch, 17)
     assert (
-        main(["train", "recipes/demo.yaml", *FAST, f"output.dir={tmp_path / 'cut'}", *extra]) == 130
+        main(["train", "recipes/demo.yaml", *SHORT_RUN, f"output.dir={tmp_path / 'cut'}", *extra])
+        == 130
     )
     (run,) = (tmp_path / "cut").glob("meebs_demo/*")
     monkeypatch.undo()
@@ -314,7 +314,7 @@ def test_resume_refuses_a_different_recipe(tmp_path, monkeypatch, capsys):
             [
                 "train",
                 "recipes/demo.yaml",
-                *FAST,
+                *SHORT_RUN,
                 f"output.dir={tmp_path}",
                 "sample.every_n_epochs=0",
             ]
@@ -333,7 +333,10 @@ def test_resume_refuses_changed_data(tmp_path, monkeypatch, capsys):
     shutil.copytree(REPO / "data" / "demo", data)
     interrupt_at(monkeypatch, 5)
     overrides = [f"data.train_dir={data / 'train'}", f"data.reg_dir={data / 'reg'}"]
-    assert main(["train", "recipes/demo.yaml", *FAST, f"output.dir={tmp_path}", *overrides]) == 130
+    assert (
+        main(["train", "recipes/demo.yaml", *SHORT_RUN, f"output.dir={tmp_path}", *overrides])
+        == 130
+    )
     (run,) = tmp_path.glob("meebs_demo/*")
     victim = sorted((data / "reg").rglob("*.png"))[0]
     victim.unlink()

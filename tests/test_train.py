@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from engine_runs import SHORT_RUN
 from rich.console import Console
 from safetensors import safe_open
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -25,13 +26,9 @@ from meebs.train import train
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "recipes" / "demo.yaml"
 
-# 2 epochs of the demo data at batch 4: 30 steps per epoch, a few seconds on 2 cores, on the
-# random `tiny` base: these tests check the engine, not learning (the demo trains tiny-trained).
-FAST = ["model.builtin=tiny", "train.epochs=2", "train.batch_size=4", "sample.steps=2"]
-
 
 def run(tmp_path: Path, *overrides: str):
-    recipe = load_recipe(DEMO, [*FAST, f"output.dir={tmp_path}", *overrides])
+    recipe = load_recipe(DEMO, [*SHORT_RUN, f"output.dir={tmp_path}", *overrides])
     return recipe, train(recipe, Console(quiet=True))
 
 
