@@ -25,6 +25,12 @@ gpus_arg = $(if $(GPUS),--gpus $(GPUS))
 recipe_file = $(if $(findstring /,$(RECIPE)),$(RECIPE),recipes/$(RECIPE).yaml)
 recipes     = $(patsubst recipes/%.yaml,%,$(wildcard recipes/*.yaml))
 check_recipe = $(if $(wildcard $(recipe_file)),,$(error unknown recipe '$(RECIPE)': no $(recipe_file); available: $(recipes)))
+# The verbs that take RECIPE check it while make reads this file, before any prerequisite
+# runs: an unknown recipe is named first, whether or not this machine has Docker or a GPU.
+recipe_goals = train plan $(if $(RUN),,reproduce)
+ifneq ($(filter $(recipe_goals),$(MAKECMDGOALS)),)
+$(check_recipe)
+endif
 
 .DEFAULT_GOAL := help
 .PHONY: help demo test test-fast lint format plan train fetch-model tensorboard bench venv \
@@ -64,7 +70,7 @@ pretrain-tiny: $(VENV)/.installed ## retrain builtin tiny-trained (~25 min, 2 co
 	$(PY) -m meebs.pretrain_tiny $(ARGS)
 
 test: $(VENV)/.installed ## run the whole test suite (CPU only, no network)
-	$(PY) -m pytest -q --durations=10
+	$(PY) -m pytest -q --durations=15
 
 test-fast: $(VENV)/.installed ## the test suite without the full-size SD 1.5 tests
 	$(PY) -m pytest -q -m "not slow"
@@ -89,11 +95,9 @@ image: docker-check ## build the CUDA image
 
 ifeq ($(LOCAL),)
 plan: docker-check ## show what RECIPE=... will do (LOCAL=1: in .venv)
-	$(check_recipe)
 	$(compose) run --rm trainer plan $(recipe_file) $(ARGS)
 
 train: gpu-check ## train RECIPE=... in the CUDA image (GPUS=N; LOCAL=1: in .venv; ARGS="train.epochs=3")
-	$(check_recipe)
 	$(compose) run --rm trainer train $(recipe_file) $(gpus_arg) $(ARGS)
 
 fetch-model: docker-check ## download SD 1.5 (models.lock.yaml) into the models volume, verify it
@@ -103,11 +107,9 @@ tensorboard: docker-check ## TensorBoard on http://127.0.0.1:6006 (LOCAL=1: from
 	$(compose) up tensorboard
 else
 plan: $(VENV)/.installed
-	$(check_recipe)
 	$(PY) entrypoint.py plan $(recipe_file) $(ARGS)
 
 train: $(VENV)/.installed
-	$(check_recipe)
 	$(PY) entrypoint.py train $(recipe_file) $(gpus_arg) $(ARGS)
 
 fetch-model: $(VENV)/.installed

@@ -3,6 +3,10 @@
 Every output goes to a hidden temp file in the target's folder, is fsynced, then renamed
 over the target (atomic on POSIX). A full disk or a permission problem becomes one clear
 `MeebsError` naming the file, and the temp file is removed, also on Ctrl-C.
+
+`tempfile` creates files 0600 and folders 0700 (it cannot know they will be renamed into
+place); every output is opened up to what the user's umask allows, like any other tool's
+(0644 / 0755 with the usual umask 022), so a shared outputs/ stays readable.
 """
 
 from __future__ import annotations
@@ -10,10 +14,59 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 
 from meebs.errors import MeebsError
+
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask. POSIX reads it only by setting it: for that instant it is the
+    strictest 0o077, so a file another thread creates meanwhile is never more open than
+    intended, and the lock keeps two readers from restoring each other's stand-in."""
+    with _UMASK_LOCK:
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode an ordinary `open(path, "w")` would give a new file."""
+    return 0o666 & ~current_umask()
+
+
+def folder_mode() -> int:
+    """The mode `mkdir` would give a new folder."""
+    return 0o777 & ~current_umask()
+
+
+def make_folder(path: Path, fix: str = "fix the permissions of the folder above it") -> None:
+    """`mkdir -p path`; a permission problem or a full disk is one line naming the folder
+    and `fix`."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise folder_error(str(path), exc, fix) from None
+
+
+def make_temp_folder(parent: Path, prefix: str, suffix: str = "") -> Path:
+    """A new private folder in `parent` to build an output in before renaming it into
+    place; its mode follows the umask like `mkdir`'s."""
+    try:
+        folder = Path(tempfile.mkdtemp(dir=parent, prefix=prefix, suffix=suffix))
+        os.chmod(folder, folder_mode())
+    except OSError as exc:
+        raise folder_error(f"a folder in {parent}", exc, "fix its permissions") from None
+    return folder
+
+
+def folder_error(what: str, exc: OSError, fix: str) -> MeebsError:
+    """The one-line error for a folder that cannot be created: `what` names it."""
+    reason = exc.strerror or str(exc)
+    return MeebsError(f"cannot create {what}: {reason}; free disk space or {fix}, then rerun")
 
 
 def write_atomic(path: Path, chunks: Iterable[bytes | memoryview]) -> None:
@@ -24,6 +77,7 @@ def write_atomic(path: Path, chunks: Iterable[bytes | memoryview]) -> None:
             dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
         )
         with os.fdopen(descriptor, "wb") as stream:
+            os.fchmod(stream.fileno(), file_mode())
             for chunk in chunks:
                 stream.write(chunk)
             stream.flush()

@@ -108,6 +108,7 @@ def run_floor(recipe_path: str, overrides: list[str], steps: int) -> dict[str, f
     from meebs.determinism import apply_determinism
     from meebs.latents import latent_shape
     from meebs.loha_layer import use_layer_path
+    from meebs.machine import make_accelerator, place_models
     from meebs.metadata import network_spec
     from meebs.models import load_base_model
     from meebs.network import build_network
@@ -115,7 +116,6 @@ def run_floor(recipe_path: str, overrides: list[str], steps: int) -> dict[str, f
     from meebs.perf import PerfMeter
     from meebs.recipe import load_recipe
     from meebs.text_encoding import encode, tokenize
-    from meebs.train import make_accelerator, place_models
 
     recipe = load_recipe(recipe_path, overrides)
     train = recipe.train
@@ -234,7 +234,7 @@ def print_table(results: dict[str, dict[str, float]]) -> None:
             f"{perf['peak_cuda_gib']:.2f} GiB" if "peak_cuda_gib" in perf else "",
             overhead,
         )
-    console = Console()
+    console = Console(soft_wrap=True)  # a path or command to copy is never cut in two
     console.print(table)
     console.print("* seconds from process start (imports, model build, caching) to the first step")
     for line in ratio_lines(results):

@@ -21,8 +21,9 @@
     python entrypoint.py prep data/img_1.0 --to NEWDIR ... # a cleaned copy and its record
 
 A problem the user can fix (`MeebsError`) is printed on one line and exits with status
-2; Ctrl-C exits with 130. `reproduce` and `compare` exit 0 when bit-identical, 1 when
-they differ. Anything else is a bug and keeps its traceback.
+2; Ctrl-C exits with 130 and SIGTERM with 143 (a run saves its last step first).
+`reproduce` and `compare` exit 0 when bit-identical, 1 when they differ. Anything else
+is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from meebs.errors import MeebsError
+from meebs.stop import StopNow, signal_name, stop_at_once_on_sigterm
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -161,18 +163,23 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     args.command_line = shlex.join(["entrypoint.py", *argv])  # recorded in the manifest
     args.without_gpus = _without_option(argv[1:], "--gpus")
-    console = Console()
+    console = Console(soft_wrap=True)  # a path or command to copy is never cut in two
     quiet_libraries()
     try:
-        return _run(args, console)
+        with stop_at_once_on_sigterm():
+            return _run(args, console)
     except MeebsError as exc:
         Console(stderr=True, soft_wrap=True).print(
             f"[red]error:[/red] {escape(str(exc))}", highlight=False
         )
         return 2
-    except KeyboardInterrupt:
-        Console(stderr=True).print("[yellow]interrupted[/yellow]: nothing was saved")
-        return 130
+    except KeyboardInterrupt as exc:
+        stop = exc if isinstance(exc, StopNow) else StopNow()
+        if not stop.reported:
+            Console(stderr=True, soft_wrap=True).print(
+                f"[yellow]stopped ({signal_name(stop.signum)})[/yellow]: nothing new was saved"
+            )
+        return stop.exit_status
 
 
 def _run(args: argparse.Namespace, console: Console) -> int:
@@ -232,7 +239,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
 
     origin = RecipeOrigin(args.recipe, tuple(args.overrides))
     result = train(recipe, console, command=args.command_line, origin=origin)
-    return 130 if result.interrupted else 0
+    return _exit_status(result)
 
 
 def _resume(args: argparse.Namespace, console: Console) -> int:
@@ -247,7 +254,13 @@ def _resume(args: argparse.Namespace, console: Console) -> int:
             raise MeebsError("train --resume: a resumed run keeps its recipe; drop the overrides")
         recipe = load_recipe(args.recipe, args.overrides)
     result = resume(Path(args.resume), console, command=args.command_line, recipe=recipe)
-    return 130 if result.interrupted else 0
+    return _exit_status(result)
+
+
+def _exit_status(result) -> int:
+    """0 for a finished run; 128 + the signal for one stopped by Ctrl-C (130) or SIGTERM
+    (143), as a shell reports a process that the signal ended."""
+    return StopNow(result.stop_signal).exit_status if result.interrupted else 0
 
 
 def _reproduce(args: argparse.Namespace, console: Console) -> int:

@@ -24,6 +24,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from meebs.errors import DataError
+from meebs.text_files import read_text
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 """Image suffixes we read, compared case-insensitively (kohya's list without avif/jxl)."""
@@ -251,13 +252,7 @@ def _read_caption(path: Path) -> str:
     """The caption's first line, stripped; "" when there is no caption file or it is blank."""
     if not path.is_file():
         return ""
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise DataError(
-            f"caption {path} is not UTF-8 text ({error.reason}): save it as UTF-8"
-        ) from error
-    lines = text.strip().splitlines()
+    lines = read_text(path, "caption", DataError).strip().splitlines()
     return lines[0].strip() if lines else ""
 
 

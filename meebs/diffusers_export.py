@@ -12,11 +12,11 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from safetensors.torch import save_file
 
+from meebs.atomic_write import make_temp_folder
 from meebs.errors import MeebsError
 from meebs.models import BaseModel, folder_sha256
 
@@ -28,7 +28,7 @@ def save_diffusers_folder(model: BaseModel, folder: Path) -> str:
     folder = Path(folder)
     if folder.exists():
         raise MeebsError(f"{folder} already exists; refusing to overwrite it")
-    temp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    temp = make_temp_folder(folder.parent, prefix=f".{folder.name}.", suffix=".tmp")
     try:
         files = _write_parts(model, temp)
         os.rename(temp, folder)

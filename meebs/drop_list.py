@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from meebs.errors import DataError
+from meebs.text_files import load_yaml, read_text
 
 EXAMPLE = '"2_meeb person/meeb_024.png": "cyclops: drawn with one eye"'
 
@@ -23,10 +24,8 @@ EXAMPLE = '"2_meeb person/meeb_024.png": "cyclops: drawn with one eye"'
 def read_drop_list(path: Path, images: Collection[str]) -> dict[str, str]:
     """{image path relative to the dataset: reason} from `path`, each image one of `images`."""
     try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as error:
-        raise DataError(f"cannot read drop list {path}: {error.strerror or error}") from error
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        document = load_yaml(read_text(path, "drop list", DataError))
+    except yaml.YAMLError as error:
         reason = " ".join(str(error).split())
         raise DataError(f"drop list {path} is not valid YAML: {reason}") from error
     entries = document.get("drop") if isinstance(document, dict) else None

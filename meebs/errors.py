@@ -22,3 +22,7 @@ class DataError(MeebsError):
 
 class ModelError(MeebsError):
     """The base model is missing, unsafe, not SD 1.x or not the pinned file."""
+
+
+class TrainingDiverged(MeebsError):
+    """The loss or the weights became NaN or inf: nothing more is trained or written."""

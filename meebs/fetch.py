@@ -26,6 +26,7 @@ import yaml
 
 from meebs.errors import ModelError
 from meebs.hash_cache import cached_sha256
+from meebs.text_files import load_yaml, read_text
 
 PINS_FILE = Path(__file__).resolve().parent.parent / "models.lock.yaml"
 LOCAL_FILES_KEY = "local_files"
@@ -261,9 +262,7 @@ def _pin(pins_file: Path, name: Any, entry: Any) -> ModelPin:
 
 def _read_yaml(pins_file: Path) -> dict[Any, Any]:
     try:
-        data = yaml.safe_load(Path(pins_file).read_text(encoding="utf-8"))
-    except OSError as err:
-        raise ModelError(f"cannot read {pins_file}: {err.strerror or err}") from None
+        data = load_yaml(read_text(Path(pins_file), "pins file", ModelError))
     except yaml.YAMLError as err:
         raise ModelError(f"{pins_file} is not valid YAML ({_first_line(err)})") from None
     if not isinstance(data, dict):

@@ -23,7 +23,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from rich.console import Console
 
-from meebs.atomic_write import write_atomic
+from meebs.atomic_write import make_folder, write_atomic
 from meebs.errors import MeebsError
 from meebs.models import BaseModel, load_base_model
 from meebs.network_apply import apply_network, read_shapes
@@ -95,7 +95,7 @@ def generate(request: Request, console: Console) -> list[Path]:
         max_token_length=int(first.get("ss_max_token_length", 75)),
     )
     hashes = {item.tag.name: addnet_hash(item.path)[:12] for item in resolved}
-    request.out.mkdir(parents=True, exist_ok=True)
+    make_folder(request.out, "give a writable folder with --out")
     written = []
     for prompt, image in zip(prompts, images, strict=True):
         info = infotext(request.prompt, prompt, base, hashes)

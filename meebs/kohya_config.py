@@ -35,6 +35,7 @@ from meebs.errors import MeebsError, RecipeError
 from meebs.fetch import read_pins
 from meebs.recipe import Recipe, documented_keys, load_recipe, recipe_from_dict
 from meebs.sampling import SAMPLER_ALIASES, normalize_sampler, recipe_prompts
+from meebs.text_files import read_text
 
 # LoRA_type <-> network.algo. "lora" with k x k convs is kohya's own LoCon (networks.lora
 # with conv_dim); "Standard" LoRA leaves those convs alone.
@@ -262,9 +263,7 @@ def _read_config(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise MeebsError(f"{path}: kohya_ss config not found")
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise MeebsError(f"{path}: not a UTF-8 text file; give the JSON the GUI saved") from None
+        config = json.loads(read_text(path, "kohya_ss config"))
     except json.JSONDecodeError as error:
         raise MeebsError(
             f"{path}: invalid JSON at line {error.lineno} column {error.colno} ({error.msg}); "

@@ -32,6 +32,7 @@ from meebs.dataset import DatasetScan
 from meebs.errors import MeebsError
 from meebs.hash_cache import cached_sha256
 from meebs.recipe import Recipe
+from meebs.text_files import read_text
 
 FORMAT = 1
 MANIFEST_NAME = "manifest.json"
@@ -206,9 +207,7 @@ def read_manifest(run: Path) -> dict[str, Any]:
             f"{run}: not a run (no {MANIFEST_NAME}); give a folder under outputs/<name>/"
         )
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError) as exc:
-        raise MeebsError(f"{path}: cannot read it ({exc})") from None
+        data = json.loads(read_text(path, "run manifest"))
     except json.JSONDecodeError as exc:
         raise MeebsError(
             f"{path}: not valid JSON at line {exc.lineno} (truncated or edited?); "

@@ -16,16 +16,19 @@ file fails in one line instead of after minutes of loading.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import diffusers
+import diffusers.utils.logging
 import torch
 import transformers
+import transformers.utils.logging
 from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import (
@@ -497,12 +500,13 @@ def _folder_files(folder: Path, weights: dict[str, list[Path]]) -> list[Path]:
 def _from_pretrained(cls: Any, folder: Path, part: str, weights: list[Path]) -> Any:
     """`from_pretrained` offline on the files already hashed, then a strict key check."""
     try:
-        module, info = cls.from_pretrained(
-            folder / part,
-            local_files_only=True,
-            use_safetensors=".safetensors" in weights[0].name,
-            output_loading_info=True,
-        )
+        with _without_progress_bars():
+            module, info = cls.from_pretrained(
+                folder / part,
+                local_files_only=True,
+                use_safetensors=".safetensors" in weights[0].name,
+                output_loading_info=True,
+            )
     except (OSError, ValueError, RuntimeError) as err:
         reason = _first_line(err)
         raise ModelError(
@@ -519,6 +523,23 @@ def _from_pretrained(cls: Any, folder: Path, part: str, weights: list[Path]) -> 
             "re-download it"
         )
     return module
+
+
+@contextlib.contextmanager
+def _without_progress_bars() -> Iterator[None]:
+    """Silence the libraries' own tqdm bars ("Loading weights: 0%|...") while a part loads:
+    they draw into our rich output and cut its lines. The setting is global to each
+    library, so whatever it was is restored afterwards."""
+    libraries = (transformers.utils.logging, diffusers.utils.logging)
+    enabled = [library.is_progress_bar_enabled() for library in libraries]
+    for library in libraries:
+        library.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for library, was_enabled in zip(libraries, enabled, strict=True):
+            if was_enabled:
+                library.enable_progress_bar()
 
 
 def _folder_tokenizer(folder: Path) -> CLIPTokenizer:

@@ -164,19 +164,22 @@ def print_plan(recipe: Recipe, scan: DatasetScan, plan: Plan, console: Console) 
     steps.add_row("kohya_ss GUI max_train_steps", str(plan.kohya_gui_steps))
     console.print(steps)
 
+    # these import this module; the model they share is built once (shapes, no weights)
+    from meebs.memory_estimate import estimate_memory
+    from meebs.size_estimate import describe_sizes, empty_model, plan_file_sizes
+
+    model = empty_model(recipe)
+    sizes = plan_file_sizes(recipe, scan, plan, model)
     files = Table(title="Files written into the run folder", title_justify="left")
     files.add_column("after epoch", justify="right")
     files.add_column("file")
-    for epoch, name in plan.files:
-        files.add_row(str(epoch), name)
+    files.add_column("bytes", justify="right")
+    for planned in sizes:
+        files.add_row(str(planned.epoch), planned.name, planned.size_text())
     console.print(files)
-    # these import this module; the model they share is built once (shapes, no weights)
-    from meebs.memory_estimate import estimate_memory
-    from meebs.size_estimate import empty_model, estimate_network_file
-
-    model = empty_model(recipe)
-    size = estimate_network_file(recipe, scan, plan, model)
-    console.print(f"Each network file: {size.describe()}")
+    console.print(f"Each network file: {describe_sizes(sizes)}")
+    if any(planned.least != planned.most for planned in sizes):
+        console.print("A range: the final file names the epoch validation recommends.")
     for line in estimate_memory(recipe, scan, model).describe():
         console.print(line)
     if scan.held_out:

@@ -19,7 +19,6 @@ next to the subset folders (see `meebs.prep_record`). The steps, in this order:
 from __future__ import annotations
 
 import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from meebs.atomic_write import write_atomic, write_text_atomic
+from meebs.atomic_write import make_folder, make_temp_folder, write_atomic, write_text_atomic
 from meebs.dataset import (
     BACKGROUNDS,
     IMAGE_EXTENSIONS,
@@ -40,6 +39,7 @@ from meebs.errors import DataError
 from meebs.image_survey import ImageFacts, find_similar, survey_image
 from meebs.png import png_bytes
 from meebs.prep_record import write_record
+from meebs.text_files import read_text
 
 CAPTION_SUFFIX = ".txt"
 FLATTEN_MODES = ("alternate", "white", "black")
@@ -219,8 +219,8 @@ def _write(
     drop_file: Path | None,
 ) -> None:
     """Build the new folder under a temporary name beside it, then rename it into place."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    make_folder(target.parent)
+    staging = make_temp_folder(target.parent, prefix=f".{target.name}.")
     try:
         flattened = 0
         for decision in _kept(decisions):
@@ -239,7 +239,7 @@ def _write(
 def _write_image(source: Path, staging: Path, decision: Decision, background: str | None) -> None:
     """Copy the file's bytes, or write it flattened onto `background` as PNG."""
     path = staging / decision.target
-    path.parent.mkdir(exist_ok=True)
+    make_folder(path.parent)
     if background is None:
         write_atomic(path, [(source / decision.source).read_bytes()])
         return
@@ -262,7 +262,7 @@ def _write_caption(source: Path, staging: Path, decision: Decision, options: Pre
             f"no caption: trains on the folder's tokens '{options.tokens(tokens)}'"
         )
         return
-    text = caption_path.read_text(encoding="utf-8-sig")
+    text = read_text(caption_path, "caption", DataError)
     line, newline, after = text.partition("\n")
     first, comma, rest = line.partition(",")
     if first.strip() != tokens or options.tokens(tokens) == tokens:

@@ -8,14 +8,13 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
-from meebs.atomic_write import write_text_atomic
+from meebs.atomic_write import make_folder, make_temp_folder, write_text_atomic
 from meebs.meeb_scorer import MeebScorer
 
 ASSET_DIR = Path(__file__).parent / "assets" / "tiny-trained"
@@ -35,8 +34,8 @@ def save_folder(
 ) -> None:
     """Write the diffusers folder (fp16 weights) and the scorers into a temporary folder
     beside `out`, then rename it into place: `out` is never left half written."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    make_folder(out.parent)
+    staging = make_temp_folder(out.parent, prefix=f".{out.name}-")
     try:
         for name, module in parts.items():
             folder = staging / name
@@ -176,7 +175,7 @@ def compare_with(out: Path, reference: Path) -> bool:
 
 def install(out: Path, target: Path) -> None:
     """Copy the run's folder over the committed one (the maintainer's step)."""
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    staging = make_temp_folder(target.parent, prefix=f".{target.name}-")
     try:
         shutil.copytree(out, staging, dirs_exist_ok=True)
         _replace(staging, target)

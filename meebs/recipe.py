@@ -27,6 +27,7 @@ from typing import Any, Literal
 import yaml
 
 from meebs.errors import RecipeError
+from meebs.text_files import DuplicateKeyError, load_yaml, read_text
 
 WHERE_KEYS = ("dir", "logging_dir")  # output.* keys that never change what is trained
 SCHEDULERS = (
@@ -282,7 +283,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml(read_text(path, "recipe", RecipeError))
+    except DuplicateKeyError as exc:
+        raise RecipeError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark else ""
@@ -330,7 +333,7 @@ def _apply_override(raw: dict[str, Any], item: str) -> str:
             f"command line: {item!r}: an override looks like section.key=value, e.g. train.epochs=3"
         )
     try:
-        value = yaml.safe_load(text) if text != "" else ""
+        value = load_yaml(text) if text != "" else ""
     except yaml.YAMLError:
         raise RecipeError(f"command line: {key_path}: cannot read the value {text!r}") from None
     *parents, leaf = key_path.split(".")
@@ -358,7 +361,7 @@ def _build(cls: type, raw: Any, *, where: str, prefix: str, overridden: set[str]
     hints = typing.get_type_hints(cls)
 
     def origin(key: str) -> str:
-        return "command line" if f"{prefix}{key}" in overridden else where
+        return _origin(f"{prefix}{key}", where, overridden)
 
     for key in raw:
         if key not in fields:
@@ -378,8 +381,17 @@ def _build(cls: type, raw: Any, *, where: str, prefix: str, overridden: set[str]
             values[name] = _check_value(raw[name], hint, f.metadata, origin(name), key)
     recipe = cls(**values)
     if cls is Recipe:
-        _check_combinations(recipe, where)
+        _check_combinations(recipe, where, overridden)
     return recipe
+
+
+def _origin(key_path: str, where: str, overridden: set[str]) -> str:
+    """Who set `key_path`: "command line" when an override set it or a key below it (an
+    override `trian.seed=1` creates the unknown section `trian`), else the recipe file."""
+    below = key_path + "."
+    if any(item == key_path or item.startswith(below) for item in overridden):
+        return "command line"
+    return where
 
 
 def _suggest(key: str, fields: typing.Iterable[str], prefix: str) -> str:
@@ -468,12 +480,12 @@ def _coerce(value: Any, hint: Any) -> Any:
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-def _check_combinations(recipe: Recipe, where: str) -> None:
+def _check_combinations(recipe: Recipe, where: str, overridden: set[str]) -> None:
     """Rules that involve more than one key."""
     model, data, train, out = recipe.model, recipe.data, recipe.train, recipe.output
 
     def fail(key: str, message: str) -> typing.NoReturn:
-        raise RecipeError(f"{where}: {key}: {message}")
+        raise RecipeError(f"{_origin(key, where, overridden)}: {key}: {message}")
 
     if (model.builtin is None) == (model.path is None):
         fail(

@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Column, Table
 
-from meebs.atomic_write import write_text_atomic
+from meebs.atomic_write import make_folder, write_text_atomic
 from meebs.compare import (
     FileComparison,
     compare_files,
@@ -59,6 +59,11 @@ class Reference:
 
 def load_reference(path: Path) -> Reference:
     manifest = read_manifest(path)
+    if manifest["status"] == "failed":
+        raise MeebsError(
+            f"{path}: this run failed ({manifest.get('failure', 'no reason recorded')}); "
+            "reproduce a finished run"
+        )
     if manifest["status"] != "finished":
         raise MeebsError(
             f"{path}: this run is {manifest['status']}, not finished; resume it with "
@@ -186,7 +191,7 @@ def record(run: Path, results_dir: Path, replace: bool, console: Console) -> Pat
     target = results_dir / recipe_name(manifest) / f"{manifest['hardware_class']}.json"
     if target.exists() and not replace:
         raise MeebsError(f"{target} exists; pass --replace to re-record it (say why in the commit)")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(target.parent, "give a writable folder with --results")
     write_text_atomic(target, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     console.print(f"recorded {run} as {target}")
     return target

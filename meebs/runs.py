@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from meebs.atomic_write import folder_error, make_folder
 from meebs.errors import MeebsError
 from meebs.recipe import Recipe
 
@@ -23,10 +24,7 @@ def log_dir(recipe: Recipe, run_dir: Path) -> Path:
 def new_run_dir(recipe: Recipe, now: float | None = None) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(time.time() if now is None else now))
     parent = Path(recipe.output.dir) / recipe.output.name
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise MeebsError(f"cannot create {parent}: {exc.strerror}; check output.dir") from None
+    make_folder(parent, "check output.dir")
     base = f"{stamp}-{recipe.sha256()[:8]}"
     for attempt in range(1, 100):
         run_dir = parent / (base if attempt == 1 else f"{base}-{attempt}")
@@ -34,5 +32,9 @@ def new_run_dir(recipe: Recipe, now: float | None = None) -> Path:
             run_dir.mkdir()
         except FileExistsError:
             continue
+        except OSError as exc:  # the folder exists, but cannot be written (or the disk is full)
+            raise folder_error(
+                f"a run folder in {parent}", exc, f"make {parent} writable or change output.dir"
+            ) from None
         return run_dir
     raise MeebsError(f"{parent}: too many runs named {base}; wait a second and retry")

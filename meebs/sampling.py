@@ -39,6 +39,7 @@ from PIL import Image
 from meebs.errors import RecipeError
 from meebs.recipe import Recipe
 from meebs.text_encoding import encode, tokenize
+from meebs.text_files import read_text
 
 if TYPE_CHECKING:
     from meebs.models import BaseModel
@@ -229,7 +230,8 @@ def read_prompt_file(path: Path | str) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"sample prompt file {str(path)!r} does not exist; give an existing file")
-    lines = (line.strip() for line in path.read_text(encoding="utf-8").splitlines())
+    text = read_text(path, "sample prompt file", RecipeError)
+    lines = (line.strip() for line in text.splitlines())
     return [line for line in lines if line and not line.startswith("#")]
 
 

@@ -7,8 +7,14 @@ The estimate is exact rather than a rule of thumb: the network is created by the
 code the trainer uses (`meebs.network.build_network`), but on a base model whose weights
 are never allocated (accelerate's `init_empty_weights`: the modules have shapes only), so
 the tensor names and shapes are the real ones and the full SD 1.5 costs well under a
-second. The file is then sized like `meebs.safetensors_io` writes it: tensor bytes in the
-save precision plus the canonical JSON header with the run's metadata.
+second. Each file is then sized like `meebs.safetensors_io` writes it: tensor bytes in
+the save precision plus the canonical JSON header (padded to 8 bytes).
+
+The header holds the run's facts, and their lengths differ from file to file: the epoch,
+the step and the title of each file, the precision, optimizer and attention this machine
+falls back to (found by the trainer's own functions), and the validation's recommended
+epoch in the final file. Hashes not known yet have a fixed length. Only the recommended
+epoch is decided by the run: a file whose size depends on it gets a range.
 """
 
 from __future__ import annotations
@@ -25,8 +31,11 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from meebs.dataset import DatasetScan
+from meebs.errors import RecipeError
+from meebs.machine import make_accelerator, set_attention
 from meebs.metadata import RunFacts, build_metadata, recipe_network
 from meebs.models import SD15_CONFIGS, TINY_CONFIGS, TINY_TRAINED
+from meebs.optim import build_optimizer
 from meebs.plan import Plan
 from meebs.recipe import Recipe
 from meebs.safetensors_io import canonical_header
@@ -47,29 +56,67 @@ class SizeEstimate:
     header_bytes: int  # 8-byte length + JSON header (tensor index and metadata)
     file_bytes: int
 
-    def describe(self) -> str:
-        """One line for `plan`: the size and the arithmetic behind it."""
-        per_number, _ = PRECISIONS[self.precision]
-        return (
-            f"{self.file_bytes / 1e6:.1f} MB ({self.file_bytes:,} bytes) = "
-            f"{self.parameters:,} parameters x {per_number} bytes ({self.precision}) "
-            f"+ {self.header_bytes:,} bytes of header"
-        )
+
+@dataclass(frozen=True)
+class PlannedFile:
+    """One file `plan` lists: its size, or the range the run's choices leave open."""
+
+    epoch: int
+    name: str
+    least: SizeEstimate
+    most: SizeEstimate
+
+    def size_text(self) -> str:
+        """The bytes, exact ("19,824,524") or a range ("19,824,524 to 19,824,532"), and MB."""
+        low, high = self.least.file_bytes, self.most.file_bytes
+        exact = f"{low:,}" if low == high else f"{low:,} to {high:,}"
+        return f"{exact} ({high / 1e6:.1f} MB)"
 
 
-def estimate_network_file(
+def plan_file_sizes(
     recipe: Recipe, scan: DatasetScan, plan: Plan, model: EmptyModel | None = None
-) -> SizeEstimate:
-    """The size of the recipe's final network file, without loading the base model.
-
-    The metadata is the trainer's own (`build_metadata`); only the facts known after
-    loading (the base model's hashes, fallbacks) are stand-ins of the right length.
-    """
+) -> list[PlannedFile]:
+    """The size of every network file the run writes, in the order written, without
+    loading the base model: each with the metadata the trainer will write into it."""
+    model = model or empty_model(recipe)
     shapes = network_shapes(recipe, model)
-    metadata = build_metadata(
-        recipe, scan, plan, _planned_facts(recipe), epoch=plan.epochs, step=plan.total_steps
+    facts = planned_facts(recipe, model)
+    files = []
+    for epoch, name in plan.files:
+        sizes = sorted(
+            (
+                safetensors_size(shapes, recipe.output.save_precision, metadata)
+                for metadata in _file_metadata(recipe, scan, plan, facts, epoch)
+            ),
+            key=lambda size: size.file_bytes,
+        )
+        files.append(PlannedFile(epoch, name, sizes[0], sizes[-1]))
+    return files
+
+
+def describe_sizes(files: list[PlannedFile]) -> str:
+    """One line for `plan`: the arithmetic behind the sizes of its files table."""
+    first = files[0].least
+    per_number, _ = PRECISIONS[first.precision]
+    headers = sorted({size.header_bytes for file in files for size in (file.least, file.most)})
+    span = f"{headers[0]:,}" if len(headers) == 1 else f"{headers[0]:,} to {headers[-1]:,}"
+    return (
+        f"{first.parameters:,} parameters x {per_number} bytes ({first.precision}) "
+        f"+ {span} bytes of header (the run's facts)"
     )
-    return safetensors_size(shapes, recipe.output.save_precision, metadata)
+
+
+def _file_metadata(
+    recipe: Recipe, scan: DatasetScan, plan: Plan, facts: RunFacts, epoch: int
+) -> list[dict[str, str]]:
+    """The metadata the epoch's file may get: one, or one per length of the recommended
+    epoch (the final file of a validated run names one of the saved epochs)."""
+    step = epoch * plan.steps_per_epoch
+    metadata = build_metadata(recipe, scan, plan, facts, epoch=epoch, step=step)
+    if epoch != plan.epochs or not recipe.validation.enabled:
+        return [metadata]
+    by_length = {len(str(saved)): saved for saved, _ in plan.files}
+    return [{**metadata, "meebs_recommended_epoch": str(e)} for e in by_length.values()]
 
 
 def network_shapes(recipe: Recipe, model: EmptyModel | None = None) -> dict[str, tuple[int, ...]]:
@@ -150,17 +197,39 @@ def _read_config(config_dir: Path, part: str) -> dict[str, Any]:
     return json.loads((config_dir / part / "config.json").read_text(encoding="utf-8"))
 
 
-def _planned_facts(recipe: Recipe) -> RunFacts:
-    """What training will record about the run, as far as the recipe says it."""
-    model, train = recipe.model, recipe.train
-    path = Path(model.path) if model.path else None
+def planned_facts(recipe: Recipe, model: EmptyModel) -> RunFacts:
+    """What training on this machine will record about the run, as far as known before
+    the base model loads: its hashes are stand-ins of the right length."""
+    base = recipe.model
+    path = Path(base.path) if base.path else None
     single_file = path is not None and not path.is_dir()
     return RunFacts(
-        base_name=str(model.builtin) if path is None else path.stem if single_file else path.name,
-        base_sha256=model.sha256 or _SHA256_PLACEHOLDER,
+        base_name=str(base.builtin) if path is None else path.stem if single_file else path.name,
+        base_sha256=base.sha256 or _SHA256_PLACEHOLDER,
         base_legacy_hash=_LEGACY_HASH_PLACEHOLDER if single_file else None,
-        mixed_precision=train.mixed_precision,
-        optimizer=train.optimizer,
-        attention=train.attention,
-        fallbacks=(),
+        **_machine_choices(recipe, model),
     )
+
+
+def _machine_choices(recipe: Recipe, model: EmptyModel) -> dict[str, Any]:
+    """The precision, attention and optimizer this machine gives the recipe, and the
+    fallback notes on the way, in the trainer's order: asked of the trainer's own
+    functions (the attention of the weightless UNet; the optimizer of one probe number on
+    the training device), so a note's every character is the one the file will hold."""
+    accelerator, fallbacks = make_accelerator(recipe)
+    attention = set_attention(model, recipe, fallbacks)  # it uses the model's .unet only
+    probe = torch.nn.Parameter(torch.zeros(1, device=accelerator.device))
+    try:
+        _, optimizer, notes = build_optimizer([{"params": [probe]}], recipe)
+    except (TypeError, ValueError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise RecipeError(
+            f"train.optimizer_args: {recipe.train.optimizer} refuses them ({reason}); "
+            "fix or remove them"
+        ) from None
+    return {
+        "mixed_precision": accelerator.mixed_precision,
+        "attention": attention,
+        "optimizer": optimizer,
+        "fallbacks": (*fallbacks, *notes),
+    }

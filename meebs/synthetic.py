@@ -25,13 +25,12 @@ from __future__ import annotations
 import random
 import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from PIL import Image
 
-from meebs.atomic_write import write_text_atomic
+from meebs.atomic_write import make_folder, make_temp_folder, write_text_atomic
 from meebs.cartoons import (
     MEEB_ACTIONS,
     MEEB_PROPS,
@@ -208,8 +207,8 @@ def regenerate(data: Path) -> None:
 
     Everything is written into a temporary folder first, so a failure leaves the old sets.
     """
-    data.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".synthetic-", dir=data))
+    make_folder(data)
+    staging = make_temp_folder(data, prefix=".synthetic-")
     try:
         write_all(staging)
         for entry in sorted(staging.iterdir()):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import random
 import shutil
 import signal
@@ -25,8 +26,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, gather_object
+from accelerate.utils import gather_object
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -57,9 +57,10 @@ from meebs.determinism import (
     nondeterminism_warnings,
     op_warnings,
 )
-from meebs.errors import MeebsError
+from meebs.errors import MeebsError, TrainingDiverged
 from meebs.hash_cache import cached_sha256
 from meebs.loha_layer import use_layer_path
+from meebs.machine import make_accelerator, place_models, set_attention
 from meebs.manifest import (
     MANIFEST_NAME,
     RecipeOrigin,
@@ -72,8 +73,8 @@ from meebs.manifest import (
     write_manifest,
 )
 from meebs.metadata import RunFacts, build_metadata, recipe_network
-from meebs.models import BaseModel, describe_base, load_base_model
-from meebs.network import count_modules, load_network_weights, save_network
+from meebs.models import describe_base, load_base_model
+from meebs.network import SAVE_DTYPES, count_modules, load_network_weights, save_network
 from meebs.optim import build_lr_scheduler, build_optimizer, param_groups
 from meebs.perf import PerfMeter
 from meebs.plan import bucket_assigner, make_plan, print_plan, scan_data
@@ -81,6 +82,7 @@ from meebs.recipe import Recipe, recipe_differences, recipe_from_dict
 from meebs.runs import log_dir, new_run_dir
 from meebs.safetensors_io import file_sha256
 from meebs.sampling import generate_samples, recipe_prompts, sample_file_name
+from meebs.stop import StopFlag, StopNow, signal_name, stop_after_the_step
 from meebs.train_state import (
     STATE_NAME,
     Position,
@@ -94,7 +96,6 @@ from meebs.validation import RESULT_NAME as VALIDATION_NAME
 from meebs.validation import Validator
 
 RANK_SEED_STRIDE = 1000  # process r's VAE sampling generator: seed + 1000 r + 2
-SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -125,6 +126,7 @@ class RunResult:
     epoch_losses: list[float] = field(default_factory=list)
     steps: int = 0
     interrupted: bool = False
+    stop_signal: int | None = None  # the signal that stopped the run after a step
     perf: dict[str, float] = field(default_factory=dict)
     validation: dict = field(default_factory=dict)  # validation.json's content, when enabled
     recommended_epoch: int | None = None
@@ -142,20 +144,44 @@ def train(
     compute the same network, write theirs to a temporary folder)."""
     loop = prepare(recipe, console)
     run_dir = new_run_dir(recipe) if loop.accelerator.is_main_process else _scratch_dir(loop)
-    write_text_atomic(run_dir / "recipe.yaml", recipe.to_yaml())
-    manifest = new_manifest(
-        run_id=run_dir.name,
-        command=command,
-        recipe=recipe,
-        origin=origin,
-        data=loop.data_manifest,
-        base_model={"name": loop.facts.base_name, "sha256": loop.facts.base_sha256},
-        device=loop.accelerator.device,
-        determinism=loop.determinism,
-        planned_steps=loop.plan.total_steps,
-    )
-    manifest["processes"] = {"count": loop.plan.processes}
-    return _run_in(loop, RunResult(run_dir), manifest, console, command)
+    try:
+        write_text_atomic(run_dir / "recipe.yaml", recipe.to_yaml())
+        manifest = new_manifest(
+            run_id=run_dir.name,
+            command=command,
+            recipe=recipe,
+            origin=origin,
+            data=loop.data_manifest,
+            base_model={"name": loop.facts.base_name, "sha256": loop.facts.base_sha256},
+            device=loop.accelerator.device,
+            determinism=loop.determinism,
+            planned_steps=loop.plan.total_steps,
+        )
+        manifest["processes"] = {"count": loop.plan.processes}
+        return _run_in(loop, RunResult(run_dir), manifest, console, command)
+    except KeyboardInterrupt as stop:
+        raise _stopped_at_once(loop, run_dir, stop, console) from None
+
+
+def _stopped_at_once(loop: Loop, run_dir: Path, stop: KeyboardInterrupt, console) -> StopNow:
+    """Say what a stop that could not wait for the step's end (a second signal, or one
+    while latents were cached) left behind. A run that saved nothing yet is removed:
+    there is nothing in it to resume, and a folder that `--resume` refuses helps no one."""
+    signum = stop.signum if isinstance(stop, StopNow) else signal.SIGINT
+    how = f"stopped ({signal_name(signum)})"
+    if (run_dir / STATE_NAME).is_file():
+        console.print(
+            f"[yellow]{how}:[/yellow] nothing since the last save was kept; continue from "
+            f"the last saved state with: train --resume {run_dir}"
+        )
+    elif loop.accelerator.is_main_process:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.rmtree(log_dir(loop.recipe, run_dir), ignore_errors=True)
+        console.print(
+            f"[yellow]{how}[/yellow] before anything was saved: removed {run_dir} (the "
+            "latents cached so far are kept for the next run)"
+        )
+    return StopNow(signum, reported=True)
 
 
 def _scratch_dir(loop: Loop) -> Path:
@@ -211,7 +237,10 @@ def resume(
     result = RunResult(out_dir, files=[out_dir / name for name in state.position.files])
     result.epoch_losses = list(state.position.epoch_losses)
     console.print(f"resuming {run_dir} at step {loop.step} of {loop.plan.total_steps}")
-    return _run_in(loop, result, manifest, console, command)
+    try:
+        return _run_in(loop, result, manifest, console, command)
+    except KeyboardInterrupt as stop:
+        raise _stopped_at_once(loop, run_dir, stop, console) from None
 
 
 def prepare(recipe: Recipe, console: Console) -> Loop:
@@ -283,6 +312,7 @@ def run_segment(
     segment["hardware_class"] = hardware_class(hardware(loop.accelerator.device))
     manifest["segments"].append(segment)
     manifest["status"] = "running"
+    manifest.pop("failure", None)  # an earlier segment's
     write_manifest(run_dir, manifest)
     # after a resume, events past the saved step (logged before the stop) are dropped
     writer = SummaryWriter(
@@ -291,10 +321,13 @@ def run_segment(
     watch = NondeterminismWatch()
     started = time.perf_counter()
     try:
-        with stop_on_ctrl_c() as stop, watch.watching():
+        with stop_after_the_step() as stop, watch.watching():
             loop.run(result, writer, console, stop)
         if loop.plan.processes > 1:
             check_processes_agree(loop, manifest, console)
+    except MeebsError as failure:  # e.g. the loss diverged: the manifest says why
+        manifest["failure"] = str(failure)
+        raise
     finally:
         writer.close()
         segment.update(
@@ -331,6 +364,8 @@ def finish_manifest(manifest: dict, loop: Loop, result: RunResult, ops: set[str]
     """The run's outcome: status, files and their sha256, losses, times."""
     done = result.steps == loop.plan.total_steps and not result.interrupted
     manifest["status"] = "finished" if done else "interrupted"
+    if "failure" in manifest:
+        manifest["status"] = "failed"
     manifest["steps"] = loop.step
     manifest["epoch_losses"] = result.epoch_losses
     manifest["outputs"] = {f.name: file_sha256(f) for f in result.files if f.is_file()}
@@ -344,52 +379,6 @@ def finish_manifest(manifest: dict, loop: Loop, result: RunResult, ops: set[str]
         manifest["validation"] = result.validation
     manifest["finished_at"] = utc_now()
     manifest["duration_s"] = round(sum(s.get("duration_s", 0.0) for s in manifest["segments"]), 3)
-
-
-def make_accelerator(recipe: Recipe) -> tuple[Accelerator, list[str]]:
-    """accelerate picks the device; half precision without CUDA falls back to fp32."""
-    fallbacks = []
-    precision = recipe.train.mixed_precision
-    if not torch.cuda.is_available() and precision != "no":
-        fallbacks.append(f"mixed_precision {precision} needs a CUDA GPU; training in fp32")
-        precision = "no"
-    # split_batches: each step's batch is split between the processes (`_epoch_plan`), so
-    # accelerate must step the LR schedule once per step, not once per process
-    accelerator = Accelerator(
-        mixed_precision=precision,
-        cpu=not torch.cuda.is_available(),
-        dataloader_config=DataLoaderConfiguration(split_batches=True),
-    )
-    return accelerator, fallbacks
-
-
-def set_attention(base: BaseModel, recipe: Recipe, fallbacks: list[str]) -> str:
-    if recipe.train.attention == "xformers":
-        try:
-            base.unet.enable_xformers_memory_efficient_attention()
-            return "xformers"
-        except (ImportError, ModuleNotFoundError, NotImplementedError, ValueError) as exc:
-            fallbacks.append(f"xformers unavailable ({exc.__class__.__name__}); using SDPA")
-    return "sdpa"
-
-
-def place_models(base: BaseModel, network, accelerator: Accelerator, recipe, train_te: bool):
-    """Frozen weights in the compute dtype on the device; the network stays fp32."""
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
-        accelerator.mixed_precision, torch.float32
-    )
-    device = accelerator.device
-    for part in (base.unet, base.text_encoder):
-        part.to(device)
-        if weight_dtype != torch.float32:
-            part.to(weight_dtype)
-    base.vae.to(device)
-    network.to(device)
-    network.train()
-    if recipe.train.gradient_checkpointing:
-        base.unet.enable_gradient_checkpointing()
-        if train_te:
-            base.text_encoder.gradient_checkpointing_enable()
 
 
 class Loop:
@@ -438,6 +427,7 @@ class Loop:
             epoch_losses=list(result.epoch_losses),
             losses=torch.stack(losses).tolist() if losses else [],
             files=[f.name for f in result.files],
+            evaluations=self.validator.saved() if self.validator else [],
         )
 
     def _save_state(self, run_dir: Path, position: Position) -> None:
@@ -473,7 +463,9 @@ class Loop:
                 torch.cuda.set_rng_state(state, int(key.split(".")[1]))
 
     # ---------------------------------------------------------------- the loop
-    def run(self, result: RunResult, writer: SummaryWriter, console: Console, stop) -> None:
+    def run(
+        self, result: RunResult, writer: SummaryWriter, console: Console, stop: StopFlag
+    ) -> None:
         recipe, plan = self.recipe, self.plan
         samples = epoch_samples(self.scan)
         if recipe.data.cache_latents:
@@ -486,7 +478,9 @@ class Loop:
         # writes the run's files needs to spend the time
         scores = recipe.validation.enabled and self.accelerator.is_main_process
         self.validator = Validator(self, console) if scores else None
-        if self.validator and not resuming:  # epoch 0: the base model, the baseline
+        if self.validator and resuming:  # the scores of the epochs before the stop
+            self.validator.restore(at.evaluations)
+        elif self.validator:  # epoch 0: the base model, the baseline
             self._validate(0, result, writer)
         with self._progress(console) as progress:
             task = progress.add_task(
@@ -520,7 +514,7 @@ class Loop:
                     self._pending.append((self.step, len(losses), self._lrs()))
                     progress.update(task, advance=1, epoch=epoch)
                     if log_now or stop.requested:  # one host-device sync per flush
-                        last_loss, last_lr = self._flush_log(writer, losses)
+                        last_loss, last_lr = self._flush_log(writer, losses, result.run_dir)
                         progress.update(task, loss=last_loss, lr=last_lr)
                     if stop.requested:
                         break
@@ -536,7 +530,7 @@ class Loop:
         result.perf = self.perf.summary()
         console.print(self.perf.line())
         if stop.requested:
-            self._save_interrupted(result, console, stopped_at)
+            self._save_interrupted(result, console, stopped_at, stop.signum)
         else:
             if self.validator:
                 console.print(self.validator.table(self._kept_files(), result.recommended_epoch))
@@ -676,15 +670,15 @@ class Loop:
         mode = self.recipe.data.background
         return {im.path: background_for(i, mode) for i, im in enumerate(self.scan.unique_images)}
 
-    def _cache_latents(self, samples: list[ImageItem], console: Console, stop) -> None:
+    def _cache_latents(self, samples: list[ImageItem], console: Console, stop: StopFlag) -> None:
         flips = (False, True) if self.recipe.data.flip_aug else (False,)
         variants = {self._variant(item, f) for item in samples for f in flips}
         # with the disk cache, the main process encodes and the others then read its files
         first = self.accelerator.main_process_first
         with first(), console.status(f"caching latents of {len(variants)} image variants"):
             for _ in self.latent_cache.fill(variants):
-                if stop.requested:
-                    raise KeyboardInterrupt
+                if stop.requested:  # no step of this segment is done: nothing new to save
+                    raise StopNow(stop.signum)
         cache = self.latent_cache
         for warning in cache.warnings:
             console.print(f"[yellow]warning:[/yellow] {warning}")
@@ -753,10 +747,13 @@ class Loop:
     def _lrs(self) -> dict[str, float]:
         return {group["name"]: group["lr"] for group in self.optimizer.param_groups}
 
-    def _flush_log(self, writer: SummaryWriter, losses: list[torch.Tensor]) -> tuple[float, float]:
+    def _flush_log(
+        self, writer: SummaryWriter, losses: list[torch.Tensor], run_dir: Path
+    ) -> tuple[float, float]:
         """Write the scalars of the steps since the last flush, reading the losses back
         in one go; returns the last step's loss and first learning rate."""
         values = torch.stack(losses).tolist() if losses else []
+        self._stop_if_diverged(values, run_dir)
         for step, seen, lrs in self._pending:
             if seen:  # (a process may have had no batch yet: a short last one, split)
                 writer.add_scalar("loss/step", values[seen - 1], step)
@@ -766,6 +763,23 @@ class Loop:
         last_lr = next(iter(self._pending[-1][2].values()))
         self._pending = []
         return values[-1] if values else float("nan"), last_lr
+
+    def _stop_if_diverged(self, values: list[float], run_dir: Path) -> None:
+        """A NaN or inf loss ends the run: every later step and file would be garbage.
+        Losses are read back once per flush (not per step, which would make the host wait
+        for the GPU), so the run stops at the next flush and names the first bad step;
+        every save is preceded by a flush, so no file holds a diverged network."""
+        bad = next((i for i, value in enumerate(values) if not math.isfinite(value)), None)
+        if bad is None:
+            return
+        step = next((step for step, seen, _ in self._pending if seen > bad), self.step)
+        lrs = ", ".join(f"{name} LR {lr:.3g}" for name, lr in self._lrs().items())
+        raise TrainingDiverged(
+            f"{run_dir}: the loss became {values[bad]} at step {step}; training stopped at "
+            f"step {self.step}, saving nothing from step {step} on (files saved before it "
+            f"are kept). The likely cause is a learning rate too high ({lrs}): lower "
+            "train.learning_rate (or unet_lr / text_encoder_lr) and train again"
+        )
 
     def _end_of_epoch(self, epoch: int, result: RunResult, writer: SummaryWriter) -> None:
         names = dict(self.plan.files)
@@ -821,15 +835,17 @@ class Loop:
             old.unlink(missing_ok=True)
             result.files.remove(old)
 
-    def _save_interrupted(self, result: RunResult, console: Console, at: Position) -> None:
-        result.interrupted = True
+    def _save_interrupted(
+        self, result: RunResult, console: Console, at: Position, signum: int
+    ) -> None:
+        result.interrupted, result.stop_signal = True, signum
         name = f"{self.recipe.output.name}-step{self.step:08d}.safetensors"
         self._save(result.run_dir / name, len(result.epoch_losses), result)
         at.files.append(name)
         self._save_state(result.run_dir, at)
         console.print(
-            f"[yellow]stopped:[/yellow] saved step {self.step} to {result.files[-1]}; "
-            f"continue with: train --resume {result.run_dir}"
+            f"[yellow]stopped ({signal_name(signum)}):[/yellow] saved step {self.step} to "
+            f"{result.files[-1]}; continue with: train --resume {result.run_dir}"
         )
 
     def _samples(self, run_dir: Path, epoch: int, writer: SummaryWriter) -> None:
@@ -870,24 +886,3 @@ class Loop:
 class SpeedColumn(ProgressColumn):
     def render(self, task) -> str:
         return f"{task.speed or 0:.2f} it/s"
-
-
-class StopFlag:
-    requested = False
-
-
-@contextmanager
-def stop_on_ctrl_c():
-    """First Ctrl-C: finish the current step, save it, stop. Second: stop at once."""
-    flag = StopFlag()
-
-    def handler(signum, frame):
-        if flag.requested:
-            raise KeyboardInterrupt
-        flag.requested = True
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGINT, previous)

@@ -20,13 +20,13 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from meebs.errors import MeebsError
+from meebs.errors import MeebsError, TrainingDiverged
 from meebs.safetensors_io import save_file_atomic
 
 # a safetensors file, but not named .safetensors: loaders that scan a folder for networks
 # (AUTOMATIC1111, ComfyUI) must not list it
 STATE_NAME = "resume.state"
-FORMAT = 1
+FORMAT = 2  # 2: optimizer and schedule states as marked JSON trees (any nesting)
 
 
 @dataclass
@@ -41,6 +41,7 @@ class Position:
     epoch_losses: list[float]  # finished epochs' mean losses
     losses: list[float]  # this epoch's batch losses so far
     files: list[str] = field(default_factory=list)  # network files written so far
+    evaluations: list[dict] = field(default_factory=list)  # validation's, so far
 
 
 def rng_to_json(state: tuple) -> list:
@@ -64,15 +65,18 @@ class TrainState:
 
 
 def save_state(path: Path, state: TrainState) -> None:
+    if not all(torch.isfinite(t).all() for t in state.network.values() if t.is_floating_point()):
+        raise TrainingDiverged(
+            f"{path}: not written: the network's weights hold NaN or inf (training has "
+            "diverged); lower the learning rate and train again"
+        )
     tensors = {f"network/{k}": v for k, v in state.network.items()}
     tensors |= {f"rng/{k}": v for k, v in state.generators.items()}
-    optimizer_tensors, optimizer_rest = _split_optimizer(state.optimizer)
-    tensors |= {f"optimizer/{k}": v for k, v in optimizer_tensors.items()}
     meta = {
         "format": FORMAT,
         "position": asdict(state.position),
-        "optimizer": optimizer_rest,
-        "lr_scheduler": state.lr_scheduler,
+        "optimizer": to_json_tree(state.optimizer, "optimizer", tensors),
+        "lr_scheduler": to_json_tree(state.lr_scheduler, "lr_scheduler", tensors),
     }
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
     save_file_atomic(tensors, path, {"meebs_state": json.dumps(meta)}, overwrite=True)
@@ -91,38 +95,64 @@ def load_state(path: Path) -> TrainState:
     except (OSError, KeyError, ValueError, safetensors.SafetensorError) as exc:
         raise MeebsError(f"{path}: unreadable training state ({exc}); train again") from None
     if meta.get("format") != FORMAT:
-        raise MeebsError(f"{path}: state format {meta.get('format')!r}, expected {FORMAT}")
+        raise MeebsError(
+            f"{path}: state format {meta.get('format')!r}, expected {FORMAT} (written by "
+            "another version of sd-meebs); train the recipe again"
+        )
 
     def group(prefix: str) -> dict[str, torch.Tensor]:
         return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
-    return TrainState(
-        position=Position(**meta["position"]),
-        network=group("network/"),
-        optimizer=_join_optimizer(group("optimizer/"), meta["optimizer"]),
-        lr_scheduler=meta["lr_scheduler"],
-        generators=group("rng/"),
-    )
+    try:
+        return TrainState(
+            position=Position(**meta["position"]),
+            network=group("network/"),
+            optimizer=from_json_tree(meta["optimizer"], tensors),
+            lr_scheduler=from_json_tree(meta["lr_scheduler"], tensors),
+            generators=group("rng/"),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise MeebsError(f"{path}: incomplete training state ({exc!r}); train again") from None
 
 
-def _split_optimizer(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict]:
-    """torch's optimizer state_dict as tensors (`{param}/{name}`) and JSON (the rest)."""
-    tensors, scalars = {}, {}
-    for param, entries in state_dict["state"].items():
-        for name, value in entries.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{param}/{name}"] = value
-            else:
-                scalars[f"{param}/{name}"] = value
-    return tensors, {"scalars": scalars, "param_groups": state_dict["param_groups"]}
+# A state dict is a tree of dicts, lists and tuples whose leaves are tensors, numbers,
+# strings, booleans or None: torch's optimizers keep `{"state": {param index: {...}}}`,
+# bitsandbytes nests its quantisation state one level deeper, Prodigy keeps floats in its
+# param groups. JSON alone would lose three things, so each gets a one-key marker object:
+# a tensor (stored in the file as a tensor under the name given), a tuple (Adam's betas),
+# and a dict whose keys are not all strings (the param indices are ints).
+_TENSOR, _TUPLE, _ITEMS = "__tensor__", "__tuple__", "__items__"
 
 
-def _join_optimizer(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in [*tensors.items(), *rest["scalars"].items()]:
-        param, name = key.split("/", 1)
-        state.setdefault(int(param), {})[name] = value
-    groups = [
-        {k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in rest["param_groups"]
-    ]
-    return {"state": state, "param_groups": groups}
+def to_json_tree(value: Any, name: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """`value` as JSON-able data; its tensors are added to `tensors` under `name/...`."""
+    if isinstance(value, torch.Tensor):
+        if name in tensors:
+            raise ValueError(f"two tensors of the training state are both named {name}")
+        tensors[name] = value
+        return {_TENSOR: name}
+    if isinstance(value, dict):
+        if all(isinstance(k, str) for k in value):
+            return {k: to_json_tree(v, f"{name}/{k}", tensors) for k, v in value.items()}
+        return {_ITEMS: [[k, to_json_tree(v, f"{name}/{k}", tensors)] for k, v in value.items()]}
+    if isinstance(value, list | tuple):
+        items = [to_json_tree(v, f"{name}/{i}", tensors) for i, v in enumerate(value)]
+        return {_TUPLE: items} if isinstance(value, tuple) else items
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    raise TypeError(f"cannot save {type(value).__name__} at {name} in the training state")
+
+
+def from_json_tree(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """The inverse of `to_json_tree`."""
+    if isinstance(value, list):
+        return [from_json_tree(v, tensors) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if _TENSOR in value:
+        return tensors[value[_TENSOR]]
+    if _TUPLE in value:
+        return tuple(from_json_tree(v, tensors) for v in value[_TUPLE])
+    if _ITEMS in value:
+        return {k: from_json_tree(v, tensors) for k, v in value[_ITEMS]}
+    return {k: from_json_tree(v, tensors) for k, v in value.items()}

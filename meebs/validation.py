@@ -209,6 +209,14 @@ class Validator:
         self.evaluations.append(evaluation)
         return evaluation
 
+    def saved(self) -> list[dict]:
+        """The evaluations so far, for a resumed run to continue from (`restore`)."""
+        return [asdict(e) for e in self.evaluations]
+
+    def restore(self, saved: list[dict]) -> None:
+        self.evaluations = [Evaluation(**e) for e in saved]
+        self.seconds = sum(e.seconds for e in self.evaluations)
+
     def log(self, writer, evaluation: Evaluation) -> None:
         step = evaluation.step
         writer.add_scalar("val/epoch", evaluation.epoch, step)

@@ -459,3 +459,19 @@ def test_folder_architecture_is_detected_from_configs(
 def test_folder_without_a_unet_is_unreadable(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match=r"not a Stable Diffusion .*no unet/config\.json"):
         load_base_model(builtin=None, path=tmp_path, sha256=None, allow_pickle=False)
+
+
+def test_loading_draws_no_library_progress_bar(capfd):
+    """transformers' own tqdm bar ("Loading weights: 0%|...") cut into the rich output of
+    `train`; it is silenced while a part loads, and the libraries' setting restored."""
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    for library in (transformers.utils.logging, diffusers.utils.logging):
+        library.enable_progress_bar()
+    capfd.readouterr()
+    load_base_model(builtin="tiny-trained", path=None, sha256=None, allow_pickle=False)
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err and "%|" not in err, err
+    assert transformers.utils.logging.is_progress_bar_enabled()
+    assert diffusers.utils.logging.is_progress_bar_enabled()

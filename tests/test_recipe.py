@@ -98,6 +98,74 @@ def test_command_line_overrides_apply_last_and_are_named(tmp_path):
     assert "looks like section.key=value" in error_of(path, ["epochs"])
 
 
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("trian.seed=1", "command line: trian: unknown key; did you mean train?"),
+        ("train.sede=1", "command line: train.sede: unknown key; did you mean train.seed?"),
+        ("train.seed=x", "command line: train.seed: expected an integer, got 'x'"),
+        ("train.seed=-1", "command line: train.seed: -1 is out of range"),
+        ("train.seed.x=1", "command line: train.seed: expected an integer, got {'x': 1}"),
+        ("train.seed", "command line: 'train.seed': an override looks like section.key=value"),
+        ("train.seed=[1", "command line: train.seed: cannot read the value"),
+        ("data.resolution=60", "command line: data.resolution: 60: sides must be multiples"),
+        ("model.path=x.safetensors", "command line: model: set exactly one of model.builtin"),
+        ("train.lr_warmup=0.1", "command line: train.lr_warmup: the constant scheduler"),
+    ],
+)
+def test_every_override_error_is_blamed_on_the_command_line(tmp_path, override, expected):
+    assert error_of(write(tmp_path, MINIMAL), [override]).startswith(expected)
+
+
+def test_not_utf8_recipe_names_file_line_and_fix(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_bytes(MINIMAL.encode() + "# café\n".encode("latin-1"))
+    offset = len(MINIMAL.encode()) + len("# caf")
+    assert error_of(path) == (
+        f"recipe {path} is not UTF-8 text (byte 0xe9 at line 4, offset {offset}): save it as UTF-8"
+    )
+    child = write(tmp_path, "extends: r.yaml\n", "child.yaml")
+    assert error_of(child).startswith(f"recipe {path} is not UTF-8 text")
+
+
+def test_a_leading_byte_order_mark_is_accepted(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_bytes(b"\xef\xbb\xbf" + MINIMAL.encode())
+    assert load_recipe(path).output.name == "demo"
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "lines"),
+    [
+        ("train:\n  seed: 1\n  seed: 2\n", "train.seed", (2, 3)),
+        ("train: {seed: 1}\nsample: {}\ntrain: {epochs: 2}\n", "train", (1, 3)),
+        ("train: {seed: 1, seed: 2}\n", "train.seed", (1, 1)),
+        ("sample:\n  prompts: [a]\n  prompts: [b]\n", "sample.prompts", (2, 3)),
+    ],
+)
+def test_a_key_given_twice_is_an_error_naming_both_lines(tmp_path, text, key, lines):
+    path = write(tmp_path, MINIMAL + text)
+    first, second = (line + len(MINIMAL.splitlines()) for line in lines)
+    assert error_of(path) == (
+        f"{path}: {key} is given twice (lines {first} and {second}); keep one of them"
+    )
+
+
+def test_a_key_given_twice_in_an_extended_recipe_is_an_error(tmp_path):
+    write(tmp_path, MINIMAL + "output: {name: other}\n", "base.yaml")
+    child = write(tmp_path, "extends: base.yaml\ntrain: {epochs: 7}\n", "child.yaml")
+    assert error_of(child) == (
+        f"{tmp_path / 'base.yaml'}: output is given twice (lines 3 and 4); keep one of them"
+    )
+
+
+def test_merge_keys_may_override_what_they_merge(tmp_path):
+    text = MINIMAL + "x-base: &base {seed: 1, epochs: 2}\ntrain: {<<: *base, seed: 3}\n"
+    raw = yaml.safe_load(text)
+    assert raw["train"] == {"seed": 3, "epochs": 2}
+    assert "x-base: unknown key" in error_of(write(tmp_path, text))  # not "given twice"
+
+
 def test_extends_loop_is_an_error(tmp_path):
     write(tmp_path, "extends: b.yaml\n", "a.yaml")
     write(tmp_path, "extends: a.yaml\n", "b.yaml")

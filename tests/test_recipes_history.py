@@ -14,7 +14,7 @@ import pytest
 from meebs.fetch import read_pins
 from meebs.plan import make_plan, scan_data
 from meebs.recipe import load_recipe
-from meebs.size_estimate import estimate_network_file
+from meebs.size_estimate import plan_file_sizes
 
 ROOT = Path(__file__).resolve().parent.parent
 VERSIONS = ("1.0", "1.1", "1.3")
@@ -91,5 +91,5 @@ def test_header_states_the_planned_steps_and_size(version, monkeypatch):
     size = re.search(r"each ~([\d.]+) MB", header)
     assert steps and size, "the header shows the step arithmetic and the file size"
     assert int(steps.group(1)) == plan.total_steps
-    estimate = estimate_network_file(loaded, scan_data(loaded), plan)
-    assert float(size.group(1)) == round(estimate.file_bytes / 1e6, 1)
+    final = plan_file_sizes(loaded, scan_data(loaded), plan)[-1]
+    assert float(size.group(1)) == round(final.most.file_bytes / 1e6, 1)

@@ -9,19 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import shutil
-import signal
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from engine_runs import SHORT_RUN
+from engine_runs import SHORT_RUN, interrupt_at
 from PIL import Image
 
-from meebs import perf
 from meebs.cli import main
 from meebs.recipe import load_recipe
 from meebs.reproduce import machine_class
@@ -180,18 +177,6 @@ def test_the_manifest_holds_every_field(first_run):
 
 
 # --------------------------------------------------------------------------- resume
-
-
-def interrupt_at(monkeypatch, step: int) -> None:
-    """A real SIGINT to this process right after `step` finished, as Ctrl-C would send."""
-    original = perf.PerfMeter.step_done
-
-    def step_done(self, sync=True):
-        original(self, sync)
-        if self.steps == step:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(perf.PerfMeter, "step_done", step_done)
 
 
 @pytest.mark.parametrize("step", [12, 37])  # mid epoch 1 (before any save), mid epoch 2

@@ -9,17 +9,28 @@ saved, and the sizes must agree within 0.1 %.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from rich.console import Console
 
-from meebs.metadata import RunFacts, build_metadata, network_spec
+from meebs.errors import RecipeError
+from meebs.metadata import build_metadata, network_spec
 from meebs.models import build_tiny
 from meebs.network import build_network, save_network
 from meebs.plan import make_plan, print_plan, scan_data
 from meebs.recipe import Recipe, load_recipe, recipe_from_dict
-from meebs.size_estimate import estimate_network_file, network_shapes, safetensors_size
+from meebs.size_estimate import (
+    describe_sizes,
+    empty_model,
+    network_shapes,
+    plan_file_sizes,
+    planned_facts,
+    safetensors_size,
+)
+from meebs.train import prepare
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "recipes" / "demo.yaml"
@@ -75,37 +86,83 @@ def test_tiny_network_file_size(tmp_path, network, train, precision):
 
 
 def test_plan_estimate_matches_a_file_with_the_trainers_metadata(tmp_path, monkeypatch):
-    """The whole `plan` path: the metadata a run writes is guessed before the run."""
+    """The whole `plan` path: the file a run writes with the real base model's hashes."""
     monkeypatch.chdir(ROOT)
     recipe = load_recipe(DEMO, ["model.builtin=tiny"])  # the model built below
     scan = scan_data(recipe)
     plan = make_plan(recipe, scan)
     model = build_tiny()
-    facts = RunFacts(
-        base_name=model.name,
-        base_sha256=model.sha256,
-        base_legacy_hash=None,
-        mixed_precision="no",
-        optimizer="AdamW",
-        attention="sdpa",
-        fallbacks=("an example fallback note, as a CPU run would record",),
-    )
+    facts = planned_facts(recipe, empty_model(recipe))
+    facts = replace(facts, base_name=model.name, base_sha256=model.sha256)
+    *_, final = plan_file_sizes(recipe, scan, plan)
     metadata = build_metadata(recipe, scan, plan, facts, epoch=plan.epochs, step=plan.total_steps)
+    metadata["meebs_recommended_epoch"] = str(plan.epochs)  # validation names an epoch
     actual_bytes, _ = saved_size(tmp_path, recipe, model.unet, model.text_encoder, metadata)
-    assert_close(estimate_network_file(recipe, scan, plan).file_bytes, actual_bytes)
+    assert final.least.file_bytes <= actual_bytes <= final.most.file_bytes
 
 
-def test_plan_prints_the_size(monkeypatch):
-    from rich.console import Console
+def test_planned_facts_are_the_runs_own_fallbacks_included(monkeypatch):
+    """Precision, attention and optimizer fall back on a machine without CUDA, xformers
+    or bitsandbytes, and each note goes into the header: `plan` asks the trainer's own
+    functions, so the planned notes are the run's, character for character."""
+    monkeypatch.chdir(ROOT)
+    asks = ["train.mixed_precision=fp16", "train.attention=xformers", "train.optimizer=AdamW8bit"]
+    recipe = load_recipe(DEMO, ["model.builtin=tiny", *asks])
+    run = prepare(recipe, Console(quiet=True)).facts
+    planned = planned_facts(recipe, empty_model(recipe))
+    assert (planned.mixed_precision, planned.attention, planned.optimizer) == (
+        run.mixed_precision,
+        run.attention,
+        run.optimizer,
+    )
+    assert planned.fallbacks == run.fallbacks
+    if not torch.cuda.is_available():
+        assert planned.fallbacks, "fp16 without CUDA falls back, and says so"
 
+
+def test_bad_optimizer_args_stop_the_plan_with_one_line(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    recipe = load_recipe(DEMO, ["model.builtin=tiny", "train.optimizer_args={nope: 1}"])
+    with pytest.raises(RecipeError, match=r"^train\.optimizer_args: AdamW refuses them \("):
+        planned_facts(recipe, empty_model(recipe))
+
+
+def test_plan_prints_every_files_size(monkeypatch):
     monkeypatch.chdir(ROOT)
     recipe = load_recipe(DEMO)
     scan = scan_data(recipe)
     plan = make_plan(recipe, scan)
     console = Console(record=True, width=200)
     print_plan(recipe, scan, plan, console)
-    estimate = estimate_network_file(recipe, scan, plan)
-    assert f"Each network file: {estimate.describe()}" in console.export_text()
+    text = console.export_text()
+    files = plan_file_sizes(recipe, scan, plan)
+    assert [file.name for file in files] == [name for _, name in plan.files]
+    rows = {
+        line.split("│")[2].strip(): line for line in text.splitlines() if ".safetensors" in line
+    }
+    for file in files:
+        assert f" {file.size_text()} │" in rows[file.name]
+    assert f"Each network file: {describe_sizes(files)}" in text
+
+
+def test_a_validated_runs_final_file_is_a_range_where_the_epoch_may_take_more_digits(
+    monkeypatch,
+):
+    """The run decides the recommended epoch: of epochs 1 to 12, one or two digits."""
+    monkeypatch.chdir(ROOT)
+    recipe = load_recipe(DEMO, ["model.builtin=tiny", "train.epochs=12", "output.name=n"])
+    scan = scan_data(recipe)
+    plan = make_plan(recipe, scan)
+    facts = planned_facts(recipe, empty_model(recipe))
+    shapes = network_shapes(recipe)
+    sizes = set()
+    for recommended in (1, 12):
+        metadata = build_metadata(recipe, scan, plan, facts, epoch=12, step=plan.total_steps)
+        metadata["meebs_recommended_epoch"] = str(recommended)
+        sizes.add(safetensors_size(shapes, "fp16", metadata).file_bytes)
+    final = plan_file_sizes(recipe, scan, plan)[-1]
+    assert len(sizes) == 2, "the example needs the two lengths in different 8-byte paddings"
+    assert (final.least.file_bytes, final.most.file_bytes) == (min(sizes), max(sizes))
 
 
 def test_estimate_leaves_the_random_state_alone():

@@ -19,8 +19,10 @@ from meebs.dataset import load_image
 from meebs.metadata import network_spec
 from meebs.models import build_tiny
 from meebs.network import build_network, load_network_weights
+from meebs.plan import make_plan, scan_data
 from meebs.recipe import load_recipe
 from meebs.safetensors_io import file_sha256
+from meebs.size_estimate import plan_file_sizes
 from meebs.train import train
 
 REPO = Path(__file__).resolve().parent.parent
@@ -75,6 +77,18 @@ def test_metadata_is_kohya_style_and_has_no_clock(demo_run):
     header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
     keys = list(header["__metadata__"])
     assert keys == sorted(keys), "metadata keys are written in sorted order"
+
+
+def test_plan_states_the_exact_size_of_every_file(demo_run):
+    """The header differs per file (epoch, step, title; the final one names the
+    recommended epoch): `plan` sizes each file with the metadata the run writes into it."""
+    recipe, result = demo_run
+    scan = scan_data(recipe)
+    planned = plan_file_sizes(recipe, scan, make_plan(recipe, scan))
+    written = {path.name: path.stat().st_size for path in result.files}
+    assert [file.name for file in planned] == list(written)
+    for file in planned:
+        assert file.least.file_bytes == file.most.file_bytes == written[file.name], file.name
 
 
 def test_tensorboard_has_the_expected_tags(demo_run):
