@@ -62,6 +62,11 @@ def recipe_network(recipe: Recipe, unet, text_encoder) -> LycorisNetworkKohya:
     )
 
 
+# the epoch validation recommends, in the final file of a validated run (train writes it,
+# plan sizes it)
+RECOMMENDED_EPOCH_KEY = "meebs_recommended_epoch"
+
+
 def _num(value: float) -> str:
     """kohya writes numbers with str(); keep integers free of a trailing .0."""
     return str(int(value)) if float(value).is_integer() else str(value)

@@ -221,7 +221,7 @@ def refuse_non_finite(saved: dict[str, Tensor], path: Path, trained: dict[str, T
     total = sum(t.numel() for t in saved.values())
     dtype = next(t.dtype for t in saved.values() if t.is_floating_point())
     if all(torch.isfinite(t).all() for t in trained.values() if t.is_floating_point()):
-        largest = max(float(t.abs().max()) for t in trained.values() if t.numel())
+        largest = max(float(t.detach().abs().max()) for t in trained.values() if t.numel())
         raise TrainingDiverged(
             f"{path}: not written: {bad:,} of {total:,} values overflow {_name(dtype)} to inf "
             f"(largest |value| {largest:.3g}, {_name(dtype)} holds up to "

@@ -33,7 +33,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from meebs.dataset import DatasetScan
 from meebs.errors import RecipeError
 from meebs.machine import make_accelerator, set_attention
-from meebs.metadata import RunFacts, build_metadata, recipe_network
+from meebs.metadata import RECOMMENDED_EPOCH_KEY, RunFacts, build_metadata, recipe_network
 from meebs.models import SD15_CONFIGS, TINY_CONFIGS, TINY_TRAINED
 from meebs.optim import build_optimizer
 from meebs.plan import Plan
@@ -116,7 +116,7 @@ def _file_metadata(
     if epoch != plan.epochs or not recipe.validation.enabled:
         return [metadata]
     by_length = {len(str(saved)): saved for saved, _ in plan.files}
-    return [{**metadata, "meebs_recommended_epoch": str(e)} for e in by_length.values()]
+    return [{**metadata, RECOMMENDED_EPOCH_KEY: str(e)} for e in by_length.values()]
 
 
 def network_shapes(recipe: Recipe, model: EmptyModel | None = None) -> dict[str, tuple[int, ...]]:

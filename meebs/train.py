@@ -41,7 +41,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from meebs import latents as latent_io
 from meebs import text_encoding
-from meebs.atomic_write import write_atomic, write_text_atomic
+from meebs.atomic_write import make_folder, write_atomic, write_text_atomic
 from meebs.compare import input_differences
 from meebs.dataset import (
     ImageItem,
@@ -72,7 +72,7 @@ from meebs.manifest import (
     utc_now,
     write_manifest,
 )
-from meebs.metadata import RunFacts, build_metadata, recipe_network
+from meebs.metadata import RECOMMENDED_EPOCH_KEY, RunFacts, build_metadata, recipe_network
 from meebs.models import describe_base, load_base_model
 from meebs.network import SAVE_DTYPES, count_modules, load_network_weights, save_network
 from meebs.optim import build_lr_scheduler, build_optimizer, param_groups
@@ -313,11 +313,11 @@ def run_segment(
     manifest["segments"].append(segment)
     manifest["status"] = "running"
     manifest.pop("failure", None)  # an earlier segment's
+    logs = log_dir(recipe, run_dir)
+    make_folder(logs, "fix output.logging_dir or its permissions")
     write_manifest(run_dir, manifest)
     # after a resume, events past the saved step (logged before the stop) are dropped
-    writer = SummaryWriter(
-        log_dir=str(log_dir(recipe, run_dir)), purge_step=resumed_at + 1 if resumed_at else None
-    )
+    writer = SummaryWriter(log_dir=str(logs), purge_step=resumed_at + 1 if resumed_at else None)
     watch = NondeterminismWatch()
     started = time.perf_counter()
     try:
@@ -800,7 +800,7 @@ class Loop:
             self.recipe, self.scan, self.plan, self.facts, epoch=epoch, step=self.step
         )
         if epoch == self.plan.epochs and result.recommended_epoch is not None:
-            meta["meebs_recommended_epoch"] = str(result.recommended_epoch)
+            meta[RECOMMENDED_EPOCH_KEY] = str(result.recommended_epoch)
         dtype = SAVE_DTYPES[self.recipe.output.save_precision]
         save_network(self.network, path, meta, dtype)
         result.files.append(path)
@@ -859,7 +859,7 @@ class Loop:
             max_token_length=self.recipe.train.max_token_length,
         )
         sample_dir = run_dir / "samples"
-        sample_dir.mkdir(exist_ok=True)
+        make_folder(sample_dir)
         for index, image in enumerate(images):
             name = sample_file_name(self.recipe.output.name, epoch, self.step, index)
             png = io.BytesIO()
