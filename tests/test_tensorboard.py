@@ -209,6 +209,8 @@ PAGES = {"scalars": "?forceSVG=true#timeseries", "images": "#images"}
 def test_screenshot(sidecar, tmp_path, page, size):
     """The time-series page (loss and lr charts) and the images page (samples) render."""
     browser = chromium()
+    if browser is None and os.environ.get("MEEBS_REQUIRE_CHROMIUM"):  # CI installs it
+        pytest.fail("chromium not installed, and MEEBS_REQUIRE_CHROMIUM is set")
     if browser is None:
         pytest.skip("chromium not installed: screenshot part skipped; the HTTP part ran")
     base, _ = sidecar
