@@ -239,7 +239,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
 
     origin = RecipeOrigin(args.recipe, tuple(args.overrides))
     result = train(recipe, console, command=args.command_line, origin=origin)
-    return _exit_status(result)
+    return result.exit_status
 
 
 def _resume(args: argparse.Namespace, console: Console) -> int:
@@ -254,13 +254,7 @@ def _resume(args: argparse.Namespace, console: Console) -> int:
             raise MeebsError("train --resume: a resumed run keeps its recipe; drop the overrides")
         recipe = load_recipe(args.recipe, args.overrides)
     result = resume(Path(args.resume), console, command=args.command_line, recipe=recipe)
-    return _exit_status(result)
-
-
-def _exit_status(result) -> int:
-    """0 for a finished run; 128 + the signal for one stopped by Ctrl-C (130) or SIGTERM
-    (143), as a shell reports a process that the signal ended."""
-    return StopNow(result.stop_signal).exit_status if result.interrupted else 0
+    return result.exit_status
 
 
 def _reproduce(args: argparse.Namespace, console: Console) -> int:

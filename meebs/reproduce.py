@@ -123,7 +123,7 @@ def reproduce(path: Path, overrides: list[str], console: Console, command: str =
     console.rule(f"reproducing {reference.label}")
     result = train(recipe, console, command=command, origin=origin)
     if result.interrupted:
-        return 130
+        return result.exit_status
     rerun = read_manifest(result.run_dir)
     return print_report(reference, rerun, result.run_dir, console)
 

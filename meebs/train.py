@@ -136,6 +136,12 @@ class RunResult:
     def manifest(self) -> Path:
         return self.run_dir / MANIFEST_NAME
 
+    @property
+    def exit_status(self) -> int:
+        """0 for a finished run; 128 + the signal for one stopped by Ctrl-C (130) or
+        SIGTERM (143), as a shell reports a process that the signal ended."""
+        return StopNow(self.stop_signal).exit_status if self.interrupted else 0
+
 
 def train(
     recipe: Recipe, console: Console, command: str = "", origin: RecipeOrigin | None = None
