@@ -310,7 +310,13 @@ def _read_with_extends(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
         return data
     if not isinstance(parent, str):
         raise RecipeError(f"{path}: extends: expected a file name such as 1.1.yaml")
-    base = _read_with_extends(path.parent / parent, (*chain, resolved))
+    parent_path = path.parent / parent
+    if not parent_path.is_file():
+        raise RecipeError(
+            f"{path}: extends: {parent}: no such recipe next to it ({parent_path}); "
+            "name a recipe file in the same folder"
+        )
+    base = _read_with_extends(parent_path, (*chain, resolved))
     return _deep_merge(base, data)
 
 

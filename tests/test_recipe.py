@@ -172,6 +172,12 @@ def test_extends_loop_is_an_error(tmp_path):
     assert "extends loops back on itself" in error_of(tmp_path / "a.yaml")
 
 
+def test_extends_of_a_missing_file_names_the_recipe_that_extends_it(tmp_path):
+    child = write(tmp_path, "extends: nope.yaml\n", "child.yaml")
+    message = error_of(child)
+    assert message.startswith(f"{child}: extends: nope.yaml: no such recipe next to it")
+
+
 def test_hash_is_canonical(tmp_path):
     a = load_recipe(write(tmp_path, MINIMAL))
     b = load_recipe(write(tmp_path, MINIMAL.replace("resolution: 64", "resolution: [64, 64]"), "b"))
