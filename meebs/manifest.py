@@ -1,10 +1,11 @@
 """manifest.json: everything needed to rerun a run, and to explain why a rerun differs.
 
 A run writes its manifest when it starts (status `running`) and again when it stops
-(`finished` or `interrupted`). It holds the resolved recipe, the data (every file's
-sha256 and caption), the base model's hash, the code and package versions, the hardware,
-the determinism settings, and the sha256 of every network file written. Times live here
-and only here: the network files themselves carry no clock.
+(`finished`, `interrupted`, or `failed` with the reason in `failure`). It holds the
+resolved recipe, the data (every file's sha256 and caption), the base model's hash, the
+code and package versions, the hardware, the determinism settings, and the sha256 of
+every network file written. Times live here and only here: the network files themselves
+carry no clock.
 
 Paths in the data manifest are relative to the data folders (`train/10_meeb/x.png`),
 so two clones of the project in different places describe the same data the same way.

@@ -125,7 +125,6 @@ class RunResult:
     files: list[Path] = field(default_factory=list)
     epoch_losses: list[float] = field(default_factory=list)
     steps: int = 0
-    interrupted: bool = False
     stop_signal: int | None = None  # the signal that stopped the run after a step
     perf: dict[str, float] = field(default_factory=dict)
     validation: dict = field(default_factory=dict)  # validation.json's content, when enabled
@@ -135,6 +134,10 @@ class RunResult:
     @property
     def manifest(self) -> Path:
         return self.run_dir / MANIFEST_NAME
+
+    @property
+    def interrupted(self) -> bool:
+        return self.stop_signal is not None
 
     @property
     def exit_status(self) -> int:
@@ -844,11 +847,11 @@ class Loop:
     def _save_interrupted(
         self, result: RunResult, console: Console, at: Position, signum: int
     ) -> None:
-        result.interrupted, result.stop_signal = True, signum
+        result.stop_signal = signum
         name = f"{self.recipe.output.name}-step{self.step:08d}.safetensors"
         self._save(result.run_dir / name, len(result.epoch_losses), result)
         at.files.append(name)
-        self._save_state(result.run_dir, at)
+        self._save_state(result.run_dir, at)  # (after `_save`: only finite weights get here)
         console.print(
             f"[yellow]stopped ({signal_name(signum)}):[/yellow] saved step {self.step} to "
             f"{result.files[-1]}; continue with: train --resume {result.run_dir}"

@@ -20,7 +20,7 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from meebs.errors import MeebsError, TrainingDiverged
+from meebs.errors import MeebsError
 from meebs.safetensors_io import save_file_atomic
 
 # a safetensors file, but not named .safetensors: loaders that scan a folder for networks
@@ -65,11 +65,8 @@ class TrainState:
 
 
 def save_state(path: Path, state: TrainState) -> None:
-    if not all(torch.isfinite(t).all() for t in state.network.values() if t.is_floating_point()):
-        raise TrainingDiverged(
-            f"{path}: not written: the network's weights hold NaN or inf (training has "
-            "diverged); lower the learning rate and train again"
-        )
+    """The trainer saves a state only right after a network file of the same weights,
+    whose NaN/inf check (`network.refuse_non_finite`) has passed."""
     tensors = {f"network/{k}": v for k, v in state.network.items()}
     tensors |= {f"rng/{k}": v for k, v in state.generators.items()}
     meta = {
