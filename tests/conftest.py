@@ -71,3 +71,30 @@ def sd15_random_parts() -> tuple[UNet2DConditionModel, CLIPTextModel]:
         {name: block[: shape.numel()].view(shape) for name, shape in shapes.items()}, assign=True
     )
     return unet.eval().requires_grad_(False), text_encoder.eval().requires_grad_(False)
+
+
+def _shared_run(tmp_path_factory, name: str, *overrides: str):
+    """Train one short demo run for the session; fail if a test changed any of its files."""
+    from engine_runs import snapshot, train_demo
+
+    from meebs.cli import main
+
+    run = train_demo(main, tmp_path_factory.mktemp(name), *overrides)
+    before = snapshot(run.outputs)
+    yield run
+    assert snapshot(run.outputs) == before, f"a test wrote into the shared run {run.run_dir}"
+
+
+@pytest.fixture(scope="session")
+def short_demo(tmp_path_factory):
+    """The demo recipe, 2 epochs at batch 4 on the tiny base (engine_runs.SHORT_RUN):
+    two network files, two samples per epoch, validation, TensorBoard logs. Read only."""
+    yield from _shared_run(tmp_path_factory, "short-demo")
+
+
+@pytest.fixture(scope="session")
+def short_demo_seed7(tmp_path_factory):
+    """`short_demo` with another seed and no samples: differs in weights and recipe. Read only."""
+    yield from _shared_run(
+        tmp_path_factory, "short-demo-seed7", "train.seed=7", "sample.every_n_epochs=0"
+    )

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from engine_runs import SHORT_RUN
 from PIL import Image
 from rich.console import Console
 from safetensors.torch import load_file, save_file
@@ -23,8 +22,6 @@ from meebs.errors import MeebsError
 from meebs.generate import Request, generate
 from meebs.models import build_tiny
 from meebs.prompt_tags import parse_prompt, weight_warnings
-from meebs.recipe import load_recipe
-from meebs.train import train
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "recipes" / "demo.yaml"
@@ -32,13 +29,11 @@ TRIGGER = "a drawing of meeb holding a laptop"
 SAMPLERS = ["Euler a", "Euler", "DDIM", "DPM++ 2M", "DPM++ 2M Karras"]
 
 
-@pytest.fixture(scope="module")
-def outputs(tmp_path_factory) -> Path:
-    """An outputs/ folder holding one 2-epoch demo run (meebs_demo, meebs_demo-000001)."""
-    root = tmp_path_factory.mktemp("outputs")
-    recipe = load_recipe(DEMO, [*SHORT_RUN, f"output.dir={root}"])
-    train(recipe, Console(quiet=True))
-    return root
+@pytest.fixture
+def outputs(short_demo) -> Path:
+    """An outputs/ folder holding one 2-epoch demo run (meebs_demo, meebs_demo-000001),
+    shared by the session: read only."""
+    return short_demo.outputs
 
 
 def network_file(outputs: Path, name: str = "meebs_demo") -> Path:

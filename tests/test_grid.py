@@ -2,30 +2,29 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from engine_runs import SHORT_RUN
 from PIL import Image
 from rich.console import Console
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from meebs.errors import MeebsError
 from meebs.grid import make_grid, parse_numbers
-from meebs.recipe import load_recipe
-from meebs.train import train
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "recipes" / "demo.yaml"
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    """A 2-epoch demo run: two epoch files, two sample prompts of 64x64."""
-    root = tmp_path_factory.mktemp("outputs")
-    recipe = load_recipe(DEMO, [*SHORT_RUN, f"output.dir={root}"])
-    return train(recipe, Console(quiet=True)).run_dir
+def run(short_demo, tmp_path_factory) -> Path:
+    """A copy of the session's 2-epoch demo run (two epoch files, two sample prompts of
+    64x64): the grid writes into the run folder and its logs."""
+    copy = tmp_path_factory.mktemp("outputs") / "meebs_demo" / short_demo.run_dir.name
+    shutil.copytree(short_demo.run_dir, copy)
+    return copy
 
 
 def cells(grid: Image.Image, rows: int, columns: int) -> dict[tuple[int, int], np.ndarray]:

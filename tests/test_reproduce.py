@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_runs import SHORT_RUN, interrupt_at
+from engine_runs import SHORT_RUN, interrupt_at, snapshot
 from PIL import Image
 
 from meebs.cli import main
@@ -48,36 +48,34 @@ def network_files(run: Path) -> dict[str, str]:
     return {p.name: sha(p) for p in sorted(run.glob("*.safetensors"))}
 
 
-def snapshot(run: Path) -> dict[str, str]:
-    """Every file of a run folder and its hash: "nothing written over" is checked with it."""
-    return {str(p.relative_to(run)): sha(p) for p in sorted(run.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture(scope="module")
-def first_run(tmp_path_factory) -> Path:
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(REPO)
-        return train_cli(tmp_path_factory.mktemp("first"))
+@pytest.fixture
+def first_run(short_demo) -> Path:
+    """The session's short demo run (conftest.py), trained with `train_cli`'s command."""
+    return short_demo.run_dir
 
 
 # --------------------------------------------------------------------------- reproduce
 
 
 def test_two_runs_are_byte_identical_and_reproduce_says_so(first_run, tmp_path, capsys):
-    second = train_cli(tmp_path)
-    assert network_files(second) == network_files(first_run)
-    assert len(network_files(first_run)) == 2
+    """`reproduce` trains the recipe again in a new run folder: its files are the first
+    run's bytes, and the report says so."""
     capsys.readouterr()
     assert main(["reproduce", str(first_run), f"output.dir={tmp_path}"]) == 0
     out = capsys.readouterr().out
     assert "bit-identical: 2/2 files match" in out
     assert "same recipe, data, base model, code, packages and hardware class" in out
+    (second,) = tmp_path.glob("meebs_demo/*")
+    assert second != first_run
+    assert len(network_files(first_run)) == 2
+    assert network_files(second) == network_files(first_run)
 
 
 def test_a_changed_image_is_named_with_nonzero_differences(tmp_path, capsys):
     data = tmp_path / "data"
     shutil.copytree(REPO / "data" / "demo", data)
-    run = train_cli(tmp_path, f"data.train_dir={data / 'train'}", f"data.reg_dir={data / 'reg'}")
+    overrides = [f"data.train_dir={data / 'train'}", f"data.reg_dir={data / 'reg'}"]
+    run = train_cli(tmp_path, *overrides, "train.epochs=1", "sample.every_n_epochs=0")
     image_path = sorted((data / "train").rglob("*.png"))[2]
     image = Image.open(image_path)
     image.load()
@@ -87,7 +85,7 @@ def test_a_changed_image_is_named_with_nonzero_differences(tmp_path, capsys):
     out = capsys.readouterr().out
     relative = f"train/{image_path.parent.name}/{image_path.name}"
     assert f"{relative}: image changed" in out
-    assert "differs: 0/2 files match" in out
+    assert "differs: 0/1 files match" in out
     report = out[out.index("network files") :]  # after the rerun's own plan table
     row = next(line for line in report.splitlines() if "meebs_demo.safetensors" in line)
     max_abs = float(row.split("│")[3])
@@ -106,8 +104,8 @@ def test_a_different_thread_count_is_named(first_run, tmp_path, capsys):
     assert code == (0 if files_match else 1)
 
 
-def test_compare_two_files_reports_weight_distances(first_run, tmp_path, capsys):
-    other = train_cli(tmp_path, "train.seed=7", "sample.every_n_epochs=0")
+def test_compare_two_files_reports_weight_distances(first_run, short_demo_seed7, capsys):
+    other = short_demo_seed7.run_dir
     capsys.readouterr()
     a, b = first_run / "meebs_demo.safetensors", other / "meebs_demo.safetensors"
     assert main(["compare", str(a), str(b)]) == 1
@@ -117,8 +115,8 @@ def test_compare_two_files_reports_weight_distances(first_run, tmp_path, capsys)
     assert main(["compare", str(a), str(a)]) == 0
 
 
-def test_compare_two_runs_names_the_recipe_difference(first_run, tmp_path, capsys):
-    other = train_cli(tmp_path, "train.seed=7", "sample.every_n_epochs=0")
+def test_compare_two_runs_names_the_recipe_difference(first_run, short_demo_seed7, capsys):
+    other = short_demo_seed7.run_dir
     capsys.readouterr()
     assert main(["compare", str(first_run), str(other)]) == 1
     out = capsys.readouterr().out
@@ -276,7 +274,7 @@ def test_a_manifest_missing_fields(first_run, tmp_path, capsys):
 def test_reproduce_refuses_when_the_recipe_file_changed(tmp_path, capsys):
     recipe = tmp_path / "mine.yaml"
     shutil.copy(REPO / "recipes/demo.yaml", recipe)
-    run = train_cli(tmp_path, "sample.every_n_epochs=0", recipe=str(recipe))
+    run = train_cli(tmp_path, "train.epochs=1", "sample.every_n_epochs=0", recipe=str(recipe))
     recipe.write_text(recipe.read_text().replace("seed: 42", "seed: 43"))
     runs_before = sorted(tmp_path.glob("meebs_demo/*"))
     message = error_of(capsys, "reproduce", str(run))

@@ -1,6 +1,13 @@
-"""verdict: a shortened demo-learn (5 epochs of 10 on the tiny-trained base) must move the
-trigger prompt towards meebs and keep the class prompt's people; the table, JSON and grid
-are written, and bad input gets one line."""
+"""verdict: a shortened demo-learn on the tiny-trained base must move the trigger prompt
+towards meebs and keep the class prompt's people; the table, JSON and grid are written,
+and bad input gets one line.
+
+The shortening: 3 epochs of 10 (480 steps, ~1.7 min on 2 cores) at 1.5x the recipe's
+learning rate, without per-epoch samples (the verdict draws its own). Measured on 16
+seeds: meeb rate 12% by colour and 50% by shape at epoch 3, class kept 100%. 2 epochs at
+2x the rate did not learn (0% / 6%); the full recipe's per-epoch figures are in
+docs/quality.md (`make demo-learn`).
+"""
 
 from __future__ import annotations
 
@@ -24,7 +31,13 @@ SEEDS = tuple(range(1000, 1016))
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("outputs")
-    overrides = ["train.epochs=5", "output.save_every_n_epochs=5", f"output.dir={root}"]
+    overrides = [
+        "train.epochs=3",
+        "train.learning_rate=1.5e-2",
+        "sample.every_n_epochs=0",
+        "output.save_every_n_epochs=3",
+        f"output.dir={root}",
+    ]
     recipe = load_recipe(DEMO_LEARN, overrides)
     return train(recipe, Console(quiet=True)).run_dir
 
@@ -34,10 +47,10 @@ def rows(run):
     return make_verdict(run, Console(quiet=True), seeds=SEEDS)
 
 
-def test_five_epochs_move_the_trigger_towards_meebs_and_keep_people(rows):
+def test_three_epochs_move_the_trigger_towards_meebs_and_keep_people(rows):
     base, epoch = rows
     print(rows)
-    assert (base.label, epoch.label, epoch.epoch) == ("base", "epoch 5", 5)
+    assert (base.label, epoch.label, epoch.epoch) == ("base", "epoch 3", 3)
     assert base.meeb_rate <= 0.05 and base.meeb_rate_shape <= 0.05
     assert epoch.meeb_rate_shape >= base.meeb_rate_shape + 0.2
     assert epoch.meeb_rate > base.meeb_rate
@@ -49,8 +62,8 @@ def test_json_and_grid(run, rows):
     assert result["trigger_prompt"] == "meeb, standing"
     assert result["class_prompt"] == "person, standing"
     assert result["seeds"] == list(SEEDS)
-    assert [row["label"] for row in result["rows"]] == ["base", "epoch 5"]
-    assert result["recommended_epoch"] == 5
+    assert [row["label"] for row in result["rows"]] == ["base", "epoch 3"]
+    assert result["recommended_epoch"] == 3
     grid = Image.open(run / GRID_NAME)
     assert grid.width > 2 * 128 and grid.height > 2 * GRID_SEEDS * 128
 
