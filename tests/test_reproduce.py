@@ -204,8 +204,16 @@ def test_interrupt_then_resume_gives_the_uninterrupted_bytes(
 
 
 def test_resume_with_random_data_choices_and_uncached_latents(tmp_path, monkeypatch):
-    """Flips, caption shuffle/dropout and per-step VAE sampling all continue exactly."""
+    """Flips, caption shuffle/dropout and per-step VAE sampling all continue exactly.
+
+    On a copy of the demo data that repeats each image 3 times, not 10: 9 steps an epoch.
+    """
+    data = tmp_path / "data"
+    shutil.copytree(REPO / "data" / "demo", data)
+    (data / "train" / "10_meeb").rename(data / "train" / "3_meeb")
     extra = [
+        f"data.train_dir={data / 'train'}",
+        f"data.reg_dir={data / 'reg'}",
         "data.cache_latents=false",
         "data.flip_aug=true",
         "data.shuffle_caption=true",
@@ -213,7 +221,7 @@ def test_resume_with_random_data_choices_and_uncached_latents(tmp_path, monkeypa
         "sample.every_n_epochs=0",
     ]
     whole = train_cli(tmp_path / "whole", *extra)
-    interrupt_at(monkeypatch, 17)
+    interrupt_at(monkeypatch, 5)  # mid epoch 1: epoch 2 draws its choices after the resume
     assert (
         main(["train", "recipes/demo.yaml", *SHORT_RUN, f"output.dir={tmp_path / 'cut'}", *extra])
         == 130
@@ -223,7 +231,7 @@ def test_resume_with_random_data_choices_and_uncached_latents(tmp_path, monkeypa
     monkeypatch.chdir(REPO)
     assert main(["train", "--resume", str(run)]) == 0
     resumed = network_files(run)
-    resumed.pop("meebs_demo-step00000017.safetensors")
+    resumed.pop("meebs_demo-step00000005.safetensors")
     assert resumed == network_files(whole)
 
 

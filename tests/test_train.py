@@ -124,9 +124,14 @@ def test_training_lowers_the_loss_on_the_demo_data(short_demo):
     assert after < 0.8 * before, (before, after)
 
 
+# A short run for the tests of one mechanism: one epoch of 10 steps (no class images, batch 6).
+TEN_STEPS = ["train.epochs=1", "data.reg_dir=null", "train.batch_size=6", "sample.every_n_epochs=0"]
+
+
 def test_different_seed_gives_different_weights(tmp_path):
-    _, other = run(tmp_path, "train.epochs=1", "train.seed=7", "sample.every_n_epochs=0")
-    _, same_seed = run(tmp_path, "train.epochs=1", "sample.every_n_epochs=0")
+    _, other = run(tmp_path, *TEN_STEPS, "train.seed=7")
+    _, same_seed = run(tmp_path, *TEN_STEPS)
+    assert other.steps == same_seed.steps == 10
     assert file_sha256(other.files[-1]) != file_sha256(same_seed.files[-1])
 
 
@@ -154,9 +159,7 @@ def test_ctrl_c_saves_the_last_finished_step(tmp_path, monkeypatch):
 
 
 def test_keep_last_n_epochs_removes_older_epoch_files(tmp_path):
-    _, result = run(
-        tmp_path, "train.epochs=3", "output.keep_last_n_epochs=1", "sample.every_n_epochs=0"
-    )
+    _, result = run(tmp_path, *TEN_STEPS, "train.epochs=3", "output.keep_last_n_epochs=1")
     names = sorted(p.name for p in result.run_dir.glob("*.safetensors"))
     assert names == ["meebs_demo-000002.safetensors", "meebs_demo.safetensors"]
 
