@@ -72,7 +72,7 @@ pretrain-tiny: $(VENV)/.installed ## retrain builtin tiny-trained (~25 min, 2 co
 test: $(VENV)/.installed ## run the whole test suite (CPU only, no network)
 	$(PY) -m pytest -q --durations=15
 
-test-fast: $(VENV)/.installed ## the test suite without the full-size SD 1.5 tests
+test-fast: $(VENV)/.installed ## the tests that train nothing (<= 2 min): formats, parsers, errors, estimates
 	$(PY) -m pytest -q -m "not slow"
 
 lint: $(VENV)/.installed ## ruff lint + format check

@@ -12,6 +12,16 @@ from typing import TYPE_CHECKING
 import pytest
 
 
+SHARED_RUNS = {"short_demo", "short_demo_seed7"}
+
+
+def pytest_collection_modifyitems(items):
+    """A test that reads a shared training run is slow (it may be the one that trains it)."""
+    for item in items:
+        if SHARED_RUNS & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def private_cache_dir(tmp_path_factory):
     """Verified-hash cache (meebs.hash_cache) in a temp folder for the whole session."""

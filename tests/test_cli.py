@@ -1,5 +1,6 @@
-"""The command line: one-line errors with exit status 2, the plan, the README's key table."""
+"""The command line: one-line errors with exit status 2, the plan; the docs: keys table, links."""
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -35,9 +36,32 @@ def test_plan_prints_steps_and_file_names(capsys, monkeypatch):
     assert "total steps" in out and "120" in out  # 60 steps per epoch x 2
 
 
-def test_readme_lists_every_recipe_key():
-    readme = (REPO / "README.md").read_text()
-    assert keys_markdown() in readme, "run: python entrypoint.py keys --markdown"
+def test_docs_list_every_recipe_key():
+    page = (REPO / "docs" / "recipes.md").read_text(encoding="utf-8")
+    assert keys_markdown() in page, "run: python entrypoint.py keys --markdown"
+
+
+README_MAX_BYTES = 10_000
+# `](target)` or `](target "title")`: the target of a Markdown link or image.
+LINK = re.compile(r'\]\(\s*<?([^)\s>]+)>?(?:\s+"[^"]*")?\s*\)')
+
+
+def test_readme_is_one_page():
+    size = (REPO / "README.md").stat().st_size
+    assert size <= README_MAX_BYTES, f"README.md is {size} bytes: move detail into docs/"
+
+
+def test_relative_links_point_to_files():
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    broken = []
+    for page in pages:
+        for target in LINK.findall(page.read_text(encoding="utf-8")):
+            if re.match(r"[a-z][a-z0-9+.-]*:", target, re.IGNORECASE) or target.startswith("#"):
+                continue  # http(s), mailto: or an anchor on the same page
+            path = target.split("#", 1)[0]
+            if not (page.parent / path).exists():
+                broken.append(f"{page.relative_to(REPO)}: {target}")
+    assert not broken, "links to missing files:\n" + "\n".join(broken)
 
 
 LATIN_1 = "café".encode("latin-1")  # b"caf\xe9": not UTF-8

@@ -14,6 +14,8 @@ from meebs.recipe import load_recipe
 from meebs.safetensors_io import file_sha256
 from meebs.train import train
 
+pytestmark = pytest.mark.slow  # trains, or starts processes: `make test-fast` skips it
+
 REPO = Path(__file__).resolve().parent.parent
 ONE_EPOCH = [
     "model.builtin=tiny",  # cache mechanics, not learning: the random base

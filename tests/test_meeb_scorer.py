@@ -3,6 +3,7 @@ through the tiny-trained VAE, both the colour and the shape variant."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from meebs.meeb_scorer import MeebScorer, evaluate_scorers, vae_round_trip
@@ -13,6 +14,7 @@ from meebs.verdict import load_scorers
 HELD_OUT_SEED = 424242  # neither the scorer's training pool nor pretrain's evaluation
 
 
+@pytest.mark.slow
 def test_held_out_accuracy_is_at_least_98_percent():
     scorers = load_scorers()
     vae = load_base_model(builtin="tiny-trained", path=None, sha256=None, allow_pickle=False).vae

@@ -42,6 +42,7 @@ SD15 = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(MEASURED))
 def test_peak_vram_estimate_is_within_5_percent_of_the_measurement(case: str) -> None:
     overrides, measured = MEASURED[case]

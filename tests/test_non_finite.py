@@ -16,6 +16,8 @@ from meebs.errors import TrainingDiverged
 from meebs.models import build_tiny
 from meebs.network import NetworkSpec, build_network, save_network
 
+pytestmark = pytest.mark.slow  # trains, or starts processes: `make test-fast` skips it
+
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -16,6 +16,8 @@ from meebs.models import load_base_model
 from meebs.pretrain_record import ASSET_DIR, CARD_NAME, RECORD_NAME, compare_with, file_hashes
 from meebs.pretrain_tiny import PretrainConfig, main, pretrain
 
+pytestmark = pytest.mark.slow  # trains, or starts processes: `make test-fast` skips it
+
 SHORT = PretrainConfig(
     vae_steps=3,
     scorer_steps=3,

@@ -20,6 +20,8 @@ from safetensors.torch import load_file
 
 from meebs.deltas import module_delta
 
+pytestmark = pytest.mark.slow  # trains, or starts processes: `make test-fast` skips it
+
 ROOT = Path(__file__).resolve().parent.parent
 COMMON = [
     "model.builtin=tiny",  # rank agreement, not learning: the random base
@@ -59,7 +61,6 @@ def deltas(path: Path) -> torch.Tensor:
     return torch.cat(parts)
 
 
-@pytest.mark.slow
 def test_two_processes_agree_and_match_one(tmp_path: Path) -> None:
     two = train_run(tmp_path / "two", processes=2, batch=2)
     one = train_run(tmp_path / "one", processes=1, batch=4)
@@ -85,7 +86,6 @@ def test_two_processes_agree_and_match_one(tmp_path: Path) -> None:
     assert cosine > 0.999 and relative < 0.01
 
 
-@pytest.mark.slow
 def test_a_process_without_a_batch_still_steps_with_the_others(tmp_path: Path) -> None:
     """One image, no reg images: every batch holds one sample, so the second process has
     none in any round; it still joins each all-reduce and ends with the same network."""

@@ -26,6 +26,8 @@ from meebs.cli import main
 from meebs.plan import make_plan, scan_data
 from meebs.recipe import TrainSection, load_recipe
 
+pytestmark = pytest.mark.slow  # trains, or starts processes: `make test-fast` skips it
+
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = sorted(p.stem for p in (REPO / "recipes").glob("*.yaml"))
 # The optimizers no recipe uses: a recipe's own optimizer goes through the same round trip

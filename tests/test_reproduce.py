@@ -23,6 +23,8 @@ from meebs.cli import main
 from meebs.recipe import load_recipe
 from meebs.reproduce import machine_class
 
+pytestmark = pytest.mark.slow  # trains, or starts processes: `make test-fast` skips it
+
 REPO = Path(__file__).resolve().parent.parent
 
 

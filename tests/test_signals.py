@@ -19,6 +19,8 @@ from meebs import latents as latent_io
 from meebs import perf
 from meebs.cli import main
 
+pytestmark = pytest.mark.slow  # trains, or starts processes: `make test-fast` skips it
+
 REPO = Path(__file__).resolve().parent.parent
 # long enough never to finish on its own; one file at the end, so nothing is saved before it
 ENDLESS = [

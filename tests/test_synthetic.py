@@ -37,6 +37,7 @@ def digests(root: Path) -> dict[str, str]:
     }
 
 
+@pytest.mark.slow
 def test_make_data_regenerates_the_committed_tree_byte_for_byte(tmp_path):
     (tmp_path / "notes.md").write_text("not generated\n", encoding="utf-8")
     stale = tmp_path / "demo" / "train" / "10_meeb person" / "old.png"

@@ -29,6 +29,8 @@ from meebs import tensorboard as tb
 from meebs.recipe import load_recipe
 from meebs.train import train
 
+pytestmark = pytest.mark.slow  # trains, or starts processes: `make test-fast` skips it
+
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "recipes" / "demo.yaml"
 # 1 epoch: 6 images x 10 repeats + as many reg partners = 120 samples, at batch 4: 30 steps.

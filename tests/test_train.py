@@ -7,6 +7,7 @@ import os
 import signal
 from pathlib import Path
 
+import pytest
 import torch
 from engine_runs import SHORT_RUN
 from rich.console import Console
@@ -23,6 +24,8 @@ from meebs.recipe import load_recipe
 from meebs.safetensors_io import file_sha256
 from meebs.size_estimate import plan_file_sizes
 from meebs.train import train
+
+pytestmark = pytest.mark.slow  # trains, or starts processes: `make test-fast` skips it
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "recipes" / "demo.yaml"

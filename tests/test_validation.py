@@ -130,6 +130,7 @@ def demo_run(tmp_path_factory):
     return result, console.export_text(), trained
 
 
+@pytest.mark.slow
 def test_demo_run_recommends_a_better_epoch(demo_run):
     result, text, _ = demo_run
     report = json.loads((result.run_dir / "validation.json").read_text())
@@ -153,6 +154,7 @@ def test_demo_run_recommends_a_better_epoch(demo_run):
     assert [e.step for e in events.Scalars("val/subject_loss")] == [0, 30, 60]
 
 
+@pytest.mark.slow
 def test_fraction_run_never_trains_on_held_out_images(tmp_path):
     r = recipe(tmp_path, *FRACTION, "train.epochs=1")
     with trained_paths() as trained:

@@ -23,6 +23,8 @@ from meebs.recipe import load_recipe
 from meebs.train import train
 from meebs.verdict import GRID_NAME, GRID_SEEDS, RESULT_NAME, latest_run, make_verdict
 
+pytestmark = pytest.mark.slow  # trains, or starts processes: `make test-fast` skips it
+
 REPO = Path(__file__).resolve().parent.parent
 DEMO_LEARN = REPO / "recipes" / "demo-learn.yaml"
 SEEDS = tuple(range(1000, 1016))
