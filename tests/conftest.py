@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-
 SHARED_RUNS = {"short_demo", "short_demo_seed7"}
 
 
