@@ -57,7 +57,7 @@ lock: ## regenerate requirements/*.lock from requirements/*.in (needs network)
 	bash ci/lock.sh
 
 data: $(VENV)/.installed ## redraw data/ (img_1.0, reg, img_1.1 via prep, demo): the same bytes
-	$(PY) -m meebs.synthetic data
+	$(PY) -m meebs.tiny.synthetic data
 
 demo: $(VENV)/.installed ## train recipes/demo.yaml on the CPU (~1 min), print where files are
 	$(PY) entrypoint.py train recipes/demo.yaml
@@ -67,7 +67,7 @@ demo-learn: $(VENV)/.installed ## train recipes/demo-learn.yaml (~5 min), then t
 	$(PY) entrypoint.py verdict outputs/meebs_demo_learn
 
 pretrain-tiny: $(VENV)/.installed ## retrain builtin tiny-trained (~25 min, 2 cores); compare with the committed bytes
-	$(PY) -m meebs.pretrain_tiny $(ARGS)
+	$(PY) -m meebs.tiny.pretrain_tiny $(ARGS)
 
 test: $(VENV)/.installed ## run the whole test suite (CPU only, no network)
 	$(PY) -m pytest -q --durations=15
@@ -141,7 +141,7 @@ grid: $(VENV)/.installed ## one PNG of RUN=outputs/<name>/<run id>'s prompts x e
 	$(PY) entrypoint.py grid $(RUN) $(ARGS)
 
 bench: $(VENV)/.installed ## steps/s, peak RSS: demo, SD 1.5 128px, LoHA layer paths, bare loop, validation share
-	$(PY) -m meebs.bench
+	$(PY) -m meebs.training.bench
 
 clean: ## remove caches and .venv-ci; outputs/ only with OUTPUTS=1
 	rm -rf .venv-ci .pytest_cache .ruff_cache

@@ -21,7 +21,7 @@ run() {  # NAME CASE OVERRIDES...
     local name=$1 case=$2
     shift 2
     echo "== $name: $*"
-    python3 -m meebs.bench --one "$case" --steps "$steps" --set $v13 "$@" \
+    python3 -m meebs.training.bench --one "$case" --steps "$steps" --set $v13 "$@" \
         > "$out/$name.json" 2> "$out/$name.err" || { tail -5 "$out/$name.err"; return; }
     python3 - "$name" "$out/$name.json" >> "$out/gpu_bench.jsonl" <<'EOF'
 import json, sys

@@ -18,7 +18,7 @@ mkdir -p "$out"
 
 for spec in "${bases[@]}"; do  # pretrain every base at once on the GPU
     name=${spec%%:*}; sets=${spec#*:}
-    python3 -m meebs.pretrain_tiny --device "${DEVICE:-cuda}" --out "$out/$name" \
+    python3 -m meebs.tiny.pretrain_tiny --device "${DEVICE:-cuda}" --out "$out/$name" \
         --set ${sets//;/ } > "$out/$name.pretrain.log" 2>&1 &
 done
 wait
@@ -32,7 +32,7 @@ for spec in "${bases[@]}"; do  # then every LoHA setting on every base, on the C
                 $overrides > "$out/$name-$lname.train.log" 2>&1 &&
             OMP_NUM_THREADS=2 python3 -c "
 import sys, glob, torch; from pathlib import Path; from rich.console import Console
-from meebs.verdict import make_verdict
+from meebs.tiny.verdict import make_verdict
 torch.set_num_threads(2)
 run = Path(sorted(glob.glob('$out/runs/$name-$lname/*/*'))[-1])
 make_verdict(run, Console(width=120), scorer_dir=Path('$out/$name/scorer'))

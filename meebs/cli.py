@@ -29,18 +29,16 @@ is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import shlex
 import sys
-import warnings
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from meebs.errors import MeebsError
-from meebs.stop import StopNow, signal_name, stop_at_once_on_sigterm
+from meebs.models.quiet import quiet_libraries
+from meebs.training.stop import StopNow, signal_name, stop_at_once_on_sigterm
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -123,7 +121,7 @@ def _parser() -> argparse.ArgumentParser:
     text = "show what a network file holds: modules, algo, ranks, alphas, training metadata"
     inspect = commands.add_parser("inspect", help=text, description=text)
     inspect.add_argument("file", help="a .safetensors network file")
-    from meebs import tensorboard as tb
+    from meebs.use import tensorboard as tb
 
     text = "serve TensorBoard on the runs' logs (the compose sidecar)"
     board = commands.add_parser("tensorboard", help=text, description=text)
@@ -183,17 +181,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, console: Console) -> int:
-    from meebs.recipe import documented_keys, keys_markdown, load_recipe
+    from meebs.recipe.schema import documented_keys, keys_markdown, load_recipe
 
     if args.command == "tensorboard":
-        from meebs.tensorboard import exec_sidecar
+        from meebs.use.tensorboard import exec_sidecar
 
         exec_sidecar(args.logdir, args.host, args.port)  # replaces this process
         return 0
     if args.command == "fetch-model":
         return _fetch_model(args, console)
     if args.command == "merge":
-        from meebs.merge import run_merge
+        from meebs.use.merge import run_merge
 
         return run_merge(args, console)
     if args.command in ("generate", "grid", "inspect", "verdict"):
@@ -201,7 +199,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     if args.command in ("import-kohya", "export-kohya"):
         return _kohya(args)
     if args.command == "prep":
-        from meebs.prep_cli import run_prep
+        from meebs.data.prep_cli import run_prep
 
         return run_prep(args, console)
     if args.command == "keys" and args.markdown:
@@ -216,7 +214,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     if args.command in ("reproduce", "compare", "record"):
         return _reproduce(args, console)
     if args.command == "train" and args.gpus is not None:
-        from meebs.launch import launch
+        from meebs.training.launch import launch
 
         launch(args.gpus, args.without_gpus)  # returns only for one GPU
     if args.command == "train" and args.resume:
@@ -225,8 +223,9 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         raise MeebsError("train: give a recipe, e.g. recipes/demo.yaml, or --resume RUN")
     recipe = load_recipe(args.recipe, args.overrides)
     if args.command == "plan":
-        from meebs.plan import make_plan, print_plan, scan_data
-        from meebs.sampling import recipe_prompts
+        from meebs.models.sampling import recipe_prompts
+        from meebs.plan.report import print_plan
+        from meebs.plan.steps import make_plan, scan_data
 
         console.rule(f"recipe {args.recipe} (resolved)")
         console.print(recipe.to_yaml(), markup=False, highlight=False)
@@ -234,8 +233,8 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         recipe_prompts(recipe)  # validates sampler names and prompt flags
         print_plan(recipe, scan, make_plan(recipe, scan), console)
         return 0
-    from meebs.manifest import RecipeOrigin
-    from meebs.train import train
+    from meebs.runs.manifest import RecipeOrigin
+    from meebs.training.train import train
 
     origin = RecipeOrigin(args.recipe, tuple(args.overrides))
     result = train(recipe, console, command=args.command_line, origin=origin)
@@ -245,8 +244,8 @@ def _run(args: argparse.Namespace, console: Console) -> int:
 def _resume(args: argparse.Namespace, console: Console) -> int:
     from pathlib import Path
 
-    from meebs.recipe import load_recipe
-    from meebs.train import resume
+    from meebs.recipe.schema import load_recipe
+    from meebs.training.train import resume
 
     recipe = None
     if args.recipe is not None:
@@ -261,7 +260,7 @@ def _reproduce(args: argparse.Namespace, console: Console) -> int:
     """reproduce / compare / record; exit 0 identical, 1 differs, 2 could not run."""
     from pathlib import Path
 
-    from meebs import reproduce
+    from meebs.repro import reproduce
 
     if args.command == "compare":
         return reproduce.compare(Path(args.a), Path(args.b), console)
@@ -281,7 +280,7 @@ def _reproduce(args: argparse.Namespace, console: Console) -> int:
 
 
 def _add_generate(commands: argparse._SubParsersAction) -> None:
-    """Options left out stay None, so `meebs.generate.Request` supplies the defaults."""
+    """Options left out stay None, so `meebs.use.generate.Request` supplies the defaults."""
     text = "draw images from a prompt with <lyco:NAME:W> tags, A1111-style PNGs"
     gen = commands.add_parser("generate", help=text, description=text)
     gen.add_argument("prompt", help='e.g. "a drawing of meeb <lyco:meebs_demo:1>"')
@@ -303,18 +302,18 @@ def _try_networks(args: argparse.Namespace, console: Console) -> int:
     from pathlib import Path
 
     if args.command == "verdict":
-        from meebs.verdict import SCORER_DIR, latest_run, make_verdict
+        from meebs.tiny.verdict import SCORER_DIR, latest_run, make_verdict
 
         scorers = Path(args.scorers) if args.scorers else SCORER_DIR
         make_verdict(latest_run(Path(args.run)), console, scorer_dir=scorers)
         return 0
     if args.command == "inspect":
-        from meebs.inspect_network import inspect_file
+        from meebs.use.inspect import inspect_file
 
         inspect_file(Path(args.file), console)
         return 0
     if args.command == "grid":
-        from meebs.grid import make_grid, parse_numbers
+        from meebs.use.grid import make_grid, parse_numbers
 
         make_grid(
             Path(args.run),
@@ -324,7 +323,7 @@ def _try_networks(args: argparse.Namespace, console: Console) -> int:
             out=Path(args.out) if args.out else None,
         )
         return 0
-    from meebs.generate import Request, generate
+    from meebs.use.generate import Request, generate
 
     options = {
         name: getattr(args, name)
@@ -344,7 +343,7 @@ def _kohya(args: argparse.Namespace) -> int:
     """The converted file on stdout (to redirect into a file), what was not converted on stderr."""
     from pathlib import Path
 
-    from meebs.kohya_config import export_kohya, import_kohya
+    from meebs.interop.kohya_config import export_kohya, import_kohya
 
     if args.command == "import-kohya":
         result = import_kohya(Path(args.config))
@@ -360,8 +359,8 @@ def _fetch_model(args: argparse.Namespace, console: Console) -> int:
     """The only command that uses the network: download, verify, say where the file is."""
     from pathlib import Path
 
-    from meebs.fetch import PINS_FILE, fetch_model
-    from meebs.hash_cache import cached_sha256
+    from meebs.files.hash_cache import cached_sha256
+    from meebs.models.fetch import PINS_FILE, fetch_model
 
     def say(line: str) -> None:
         console.print(line, markup=False, highlight=False, soft_wrap=True)
@@ -372,15 +371,3 @@ def _fetch_model(args: argparse.Namespace, console: Console) -> int:
     say(f"{path}\nsha256 {digest}")
     say(f"train on it with: model.path={path} model.sha256={digest}")
     return 0
-
-
-def quiet_libraries() -> None:
-    """The libraries' INFO chatter hides our own output; their warnings stay visible."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    # transformers warns at import that torchvision is missing (we need none of its image
-    # processors); bitsandbytes that an optional 4-bit kernel package is missing.
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    for name in ("diffusers", "accelerate"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", category=FutureWarning)

@@ -23,7 +23,7 @@ def pytest_collection_modifyitems(items):
 
 @pytest.fixture(autouse=True, scope="session")
 def private_cache_dir(tmp_path_factory):
-    """Verified-hash cache (meebs.hash_cache) in a temp folder for the whole session."""
+    """Verified-hash cache (meebs.files.hash_cache) in a temp folder for the whole session."""
     patch = pytest.MonkeyPatch()
     patch.setenv("MEEBS_CACHE_DIR", str(tmp_path_factory.mktemp("meebs-cache")))
     yield

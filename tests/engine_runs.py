@@ -19,8 +19,8 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
-from meebs import perf
-from meebs.recipe import Recipe, load_recipe
+from meebs.recipe.schema import Recipe, load_recipe
+from meebs.training import perf
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = "recipes/demo.yaml"

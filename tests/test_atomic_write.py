@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from meebs.atomic_write import make_temp_folder, write_atomic, write_text_atomic
 from meebs.errors import MeebsError
-from meebs.recipe import load_recipe
-from meebs.runs import new_run_dir
+from meebs.files.atomic_write import make_temp_folder, write_atomic, write_text_atomic
+from meebs.recipe.schema import load_recipe
+from meebs.runs.folders import new_run_dir
 
 REPO = Path(__file__).resolve().parent.parent
 

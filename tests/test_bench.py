@@ -2,7 +2,7 @@
 
 import math
 
-from meebs.bench import run_case
+from meebs.training.bench import run_case
 
 
 def test_trainer_and_floor_report_steps_and_memory():
@@ -16,7 +16,7 @@ def test_trainer_and_floor_report_steps_and_memory():
 
 
 def test_ratio_lines_compare_layer_paths_and_validation_share():
-    from meebs.bench import ratio_lines
+    from meebs.training.bench import ratio_lines
 
     def perf(seconds, rss):
         return {"seconds_per_step": seconds, "peak_rss_gib": rss}

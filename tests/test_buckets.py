@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from meebs.buckets import bucket_for, make_buckets, nearest_bucket
+from meebs.data.buckets import bucket_for, make_buckets, nearest_bucket
 from meebs.errors import RecipeError
 
 # Worked by hand from sd-scripts' rule: area 512*512 = 262144; for each width w in

@@ -2,7 +2,7 @@
 
 AUTOMATIC1111 and ComfyUI drop keys they cannot place with at most a warning, so each
 saved key is mapped by their rules (tests/sd15_naming.py) onto the reference layer list,
-and by our merge's own mapping (`meebs.kohya_names`) onto a layer whose weight the
+and by our merge's own mapping (`meebs.network.kohya_names`) onto a layer whose weight the
 rebuilt delta fits exactly.
 """
 
@@ -15,10 +15,10 @@ import pytest
 import torch
 from sd15_naming import a1111_target, comfyui_accepts_text_encoder_key
 
-from meebs.deltas import module_delta
-from meebs.kohya_names import kohya_layers
-from meebs.merge import read_network
-from meebs.network import NetworkSpec, build_network, save_network
+from meebs.network.build import NetworkSpec, build_network, save_network
+from meebs.network.deltas import module_delta
+from meebs.network.kohya_names import kohya_layers
+from meebs.use.merge import read_network
 
 pytestmark = pytest.mark.slow
 

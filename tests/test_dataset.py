@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from meebs.dataset import (
+from meebs.data.dataset import (
     ImageItem,
     background_for,
     balanced_reg_samples,

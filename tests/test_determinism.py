@@ -9,11 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from meebs.determinism import NondeterminismWatch, apply_determinism, nondeterminism_warnings
 from meebs.errors import MeebsError
-from meebs.manifest import hardware, hardware_class
-from meebs.recipe import load_recipe
-from meebs.train_state import (
+from meebs.recipe.schema import load_recipe
+from meebs.runs.manifest import hardware, hardware_class
+from meebs.training.determinism import (
+    NondeterminismWatch,
+    apply_determinism,
+    nondeterminism_warnings,
+)
+from meebs.training.train_state import (
     Position,
     TrainState,
     load_state,

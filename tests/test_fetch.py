@@ -27,10 +27,10 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub import file_download as hf_file_download
 from safetensors.torch import save_file
 
-from meebs import hash_cache
 from meebs.cli import main
 from meebs.errors import ModelError
-from meebs.fetch import PINS_FILE, fetch_model, read_local_file_pins, read_pins
+from meebs.files import hash_cache
+from meebs.models.fetch import PINS_FILE, fetch_model, read_local_file_pins, read_pins
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = str(REPO / "recipes" / "demo.yaml")

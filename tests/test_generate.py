@@ -19,9 +19,9 @@ from safetensors.torch import load_file, save_file
 
 from meebs.cli import main
 from meebs.errors import MeebsError
-from meebs.generate import Request, generate
-from meebs.models import build_tiny
-from meebs.prompt_tags import parse_prompt, weight_warnings
+from meebs.models.base import build_tiny
+from meebs.use.generate import Request, generate
+from meebs.use.prompt_tags import parse_prompt, weight_warnings
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "recipes" / "demo.yaml"

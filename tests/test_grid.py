@@ -12,7 +12,7 @@ from rich.console import Console
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from meebs.errors import MeebsError
-from meebs.grid import make_grid, parse_numbers
+from meebs.use.grid import make_grid, parse_numbers
 
 pytestmark = pytest.mark.slow  # trains, or starts processes: `make test-fast` skips it
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from meebs import hash_cache
-from meebs.hash_cache import cache_file, cached_sha256
+from meebs.files import hash_cache
+from meebs.files.hash_cache import cache_file, cached_sha256
 
 
 @pytest.fixture

@@ -11,9 +11,9 @@ from safetensors.torch import save_file
 
 from meebs.cli import main
 from meebs.errors import MeebsError
-from meebs.inspect_network import describe
-from meebs.models import build_tiny
-from meebs.network import NetworkSpec, build_network, count_modules, save_network
+from meebs.models.base import build_tiny
+from meebs.network.build import NetworkSpec, build_network, count_modules, save_network
+from meebs.use.inspect import describe
 
 
 def saved(tmp_path: Path, spec: NetworkSpec, metadata: dict[str, str]) -> tuple[Path, int, tuple]:

@@ -15,9 +15,9 @@ import pytest
 
 from meebs.cli import main
 from meebs.errors import MeebsError
-from meebs.fetch import read_pins
-from meebs.kohya_config import export_kohya, import_kohya
-from meebs.recipe import Recipe, load_recipe
+from meebs.interop.kohya_config import export_kohya, import_kohya
+from meebs.models.fetch import read_pins
+from meebs.recipe.schema import Recipe, load_recipe
 
 CONFIGS = Path(__file__).resolve().parent / "kohya_configs"
 FIXTURES = sorted(CONFIGS.glob("*.json"))

@@ -9,10 +9,10 @@ import pytest
 from PIL import Image
 from rich.console import Console
 
-from meebs import latents as latent_io
-from meebs.recipe import load_recipe
-from meebs.safetensors_io import file_sha256
-from meebs.train import train
+from meebs.data import latents as latent_io
+from meebs.files.safetensors_io import file_sha256
+from meebs.recipe.schema import load_recipe
+from meebs.training.train import train
 
 pytestmark = pytest.mark.slow  # trains, or starts processes: `make test-fast` skips it
 

@@ -12,7 +12,7 @@ import torch
 from lycoris.modules.loha import LohaModule
 from torch import nn
 
-from meebs.loha_layer import LAYER_PATHS, use_layer_path
+from meebs.network.loha_layer import LAYER_PATHS, use_layer_path
 
 LAYERS = {
     "linear": lambda: nn.Linear(24, 20),

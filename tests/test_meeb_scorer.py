@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from meebs.meeb_scorer import MeebScorer, evaluate_scorers, vae_round_trip
-from meebs.models import load_base_model
-from meebs.pretrain_data import VAE_KINDS, draw_many, to_tensor
-from meebs.verdict import load_scorers
+from meebs.models.base import load_base_model
+from meebs.tiny.meeb_scorer import MeebScorer, evaluate_scorers, vae_round_trip
+from meebs.tiny.pretrain_data import VAE_KINDS, draw_many, to_tensor
+from meebs.tiny.verdict import load_scorers
 
 HELD_OUT_SEED = 424242  # neither the scorer's training pool nor pretrain's evaluation
 

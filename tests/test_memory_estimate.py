@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from meebs.dataset import epoch_samples
-from meebs.memory_estimate import estimate_memory
-from meebs.plan import scan_data
-from meebs.recipe import load_recipe
-from meebs.train import StopFlag, prepare
+from meebs.data.dataset import epoch_samples
+from meebs.plan.memory import estimate_memory
+from meebs.plan.steps import scan_data
+from meebs.recipe.schema import load_recipe
+from meebs.training.train import StopFlag, prepare
 
 REPO = Path(__file__).resolve().parent.parent
 

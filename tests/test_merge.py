@@ -1,7 +1,7 @@
 """`merge` on the tiny model: merged weights give what the network gives at run time.
 
 The reference is lycoris' own forward (`load_network_file` at multiplier W), the merge is
-our delta code (`meebs.deltas`): two independent implementations of the same formula.
+our delta code (`meebs.network.deltas`): two independent implementations of the same formula.
 The tiny model has every layer kind SD 1.5 has: Linear, 1x1 conv (proj_in/out) and 3x3
 convs, in both the UNet and the text encoder.
 """
@@ -18,9 +18,8 @@ from safetensors.torch import load_file, save_file
 
 from meebs.cli import main
 from meebs.errors import MeebsError
-from meebs.ldm_export import ldm_state_dict, save_ldm_file
-from meebs.merge import merge, merge_into, parse_network_arg, pin_path, read_network
-from meebs.models import (
+from meebs.interop.ldm_export import ldm_state_dict, save_ldm_file
+from meebs.models.base import (
     TINY_CONFIGS,
     BaseModel,
     build_sd15_random,
@@ -29,8 +28,9 @@ from meebs.models import (
     parts_from_ldm,
     sha256_file,
 )
-from meebs.network import NetworkSpec, build_network, load_network_file, save_network
-from meebs.sampling import SamplePrompt, generate_samples
+from meebs.models.sampling import SamplePrompt, generate_samples
+from meebs.network.build import NetworkSpec, build_network, load_network_file, save_network
+from meebs.use.merge import merge, merge_into, parse_network_arg, pin_path, read_network
 
 SPECS = {
     "loha": NetworkSpec(algo="loha", dim=4, alpha=1.0, conv_dim=4, conv_alpha=2.0),

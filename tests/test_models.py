@@ -18,10 +18,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from meebs import models
 from meebs.errors import ModelError
-from meebs.ldm_export import ldm_state_dict
-from meebs.models import (
+from meebs.interop.ldm_export import ldm_state_dict
+from meebs.models import base as models
+from meebs.models.base import (
     SD15_CONFIGS,
     TINY_CONFIGS,
     BaseModel,

@@ -25,7 +25,8 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from meebs.errors import MeebsError, RecipeError
-from meebs.network import (
+from meebs.files.safetensors_io import addnet_hash, file_sha256, read_metadata, save_file_atomic
+from meebs.network.build import (
     NetworkSpec,
     apply_sd15_preset,
     build_network,
@@ -36,7 +37,6 @@ from meebs.network import (
     network_state_dict,
     save_network,
 )
-from meebs.safetensors_io import addnet_hash, file_sha256, read_metadata, save_file_atomic
 
 # REFERENCE.md section 11.
 TINY_UNET_CONFIG = {
@@ -61,7 +61,7 @@ TINY_TEXT_ENCODER_CONFIG = CLIPTextConfig(
 TINY_UNET_MODULES = 83
 TINY_TEXT_ENCODER_MODULES = 12  # 2 layers x (q, k, v, out_proj, fc1, fc2)
 
-# The preset targets, restated independently of meebs.network (REFERENCE.md section 4).
+# The preset targets, restated independently of meebs.network.build (REFERENCE.md section 4).
 UNET_TARGET_CLASSES = {"Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"}
 UNET_TARGET_NAMES = {"conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2"}
 TEXT_ENCODER_TARGET = re.compile(r"encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])")

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from meebs.optim import build_lr_scheduler, build_optimizer
-from meebs.recipe import load_recipe
+from meebs.network.optim import build_lr_scheduler, build_optimizer
+from meebs.recipe.schema import load_recipe
 
 DEMO = Path(__file__).resolve().parent.parent / "recipes" / "demo.yaml"
 

@@ -15,12 +15,13 @@ from PIL import Image
 from test_prep_check import SUBSET, add_image, clean_dataset, drawing
 
 from meebs.cli import main
-from meebs.dataset import scan_dataset
+from meebs.data.dataset import scan_dataset
+from meebs.data.image_survey import survey_image
+from meebs.data.prep import prepare
+from meebs.data.prep_options import PrepOptions
+from meebs.data.prep_record import JSON_NAME, MARKDOWN_NAME
 from meebs.errors import DataError
-from meebs.image_survey import survey_image
-from meebs.prep import PrepOptions, prepare
-from meebs.prep_record import JSON_NAME, MARKDOWN_NAME
-from meebs.synthetic import PREP_1_1
+from meebs.tiny.synthetic import PREP_1_1
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 RAW = DATA / "img_1.0"

@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageEnhance
 
-from meebs.cartoons import draw_meeb
 from meebs.cli import main
-from meebs.prep_check import (
+from meebs.data.prep_check import (
     COLOUR_VARIANTS,
     CORRUPT,
     EMPTY_CAPTION,
@@ -24,7 +23,8 @@ from meebs.prep_check import (
     TRANSPARENT,
     check_dataset,
 )
-from meebs.synthetic import MEEB_COLOURS, meeb_pose
+from meebs.tiny.cartoons import draw_meeb
+from meebs.tiny.synthetic import MEEB_COLOURS, meeb_pose
 
 SIZE = 64
 SUBSET = "3_meeb person"

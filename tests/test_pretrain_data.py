@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from meebs.class_looks import CREATURES, SHAPES, draw_creature, draw_shape
-from meebs.pretrain_data import (
+from meebs.models.tokenizer import clip_tokenizer
+from meebs.tiny.class_looks import CREATURES, SHAPES, draw_creature, draw_shape
+from meebs.tiny.pretrain_data import (
     CLASS_KINDS,
     SCORER_LABELS,
     VAE_KINDS,
@@ -14,7 +15,6 @@ from meebs.pretrain_data import (
     scorer_label,
     to_tensor,
 )
-from meebs.tokenizer import clip_tokenizer
 
 
 def test_same_seed_same_pixels_and_captions():

@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from meebs import models
-from meebs.models import load_base_model
-from meebs.pretrain_record import ASSET_DIR, CARD_NAME, RECORD_NAME, compare_with, file_hashes
-from meebs.pretrain_tiny import PretrainConfig, main, pretrain
+from meebs.models import base as models
+from meebs.models.base import load_base_model
+from meebs.tiny.pretrain_record import ASSET_DIR, CARD_NAME, RECORD_NAME, compare_with, file_hashes
+from meebs.tiny.pretrain_tiny import PretrainConfig, main, pretrain
 
 pytestmark = pytest.mark.slow  # trains, or starts processes: `make test-fast` skips it
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from meebs.deltas import module_delta
+from meebs.network.deltas import module_delta
 
 pytestmark = pytest.mark.slow  # trains, or starts processes: `make test-fast` skips it
 
@@ -116,7 +116,7 @@ def test_gpus_is_checked_in_one_line_before_launch(gpus: str, message: str) -> N
 
 def test_launch_hands_the_same_train_arguments_to_accelerate() -> None:
     from meebs.cli import _without_option
-    from meebs.launch import check_gpus, launch_command
+    from meebs.training.launch import check_gpus, launch_command
 
     check_gpus(2, available=2)  # no error
     argv = ["recipes/1.3.yaml", "--gpus", "4", "train.epochs=2", "--gpus=4"]

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from meebs.errors import RecipeError
-from meebs.recipe import Recipe, documented_keys, load_recipe
+from meebs.recipe.schema import Recipe, documented_keys, load_recipe
 
 REPO = Path(__file__).resolve().parent.parent
 MINIMAL = """\

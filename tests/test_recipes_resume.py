@@ -23,8 +23,8 @@ from engine_runs import interrupt_at
 from safetensors import safe_open
 
 from meebs.cli import main
-from meebs.plan import make_plan, scan_data
-from meebs.recipe import TrainSection, load_recipe
+from meebs.plan.steps import make_plan, scan_data
+from meebs.recipe.schema import TrainSection, load_recipe
 
 pytestmark = pytest.mark.slow  # trains, or starts processes: `make test-fast` skips it
 

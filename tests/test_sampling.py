@@ -22,8 +22,8 @@ from diffusers import (
 from transformers import CLIPTextModel
 
 from meebs.errors import RecipeError
-from meebs.models import build_tiny
-from meebs.sampling import (
+from meebs.models.base import build_tiny
+from meebs.models.sampling import (
     SAMPLERS,
     SamplePrompt,
     generate_samples,
@@ -33,7 +33,7 @@ from meebs.sampling import (
     read_prompt_file,
     sample_file_name,
 )
-from meebs.text_encoding import encode, tokenize
+from meebs.models.text_encoding import encode, tokenize
 
 DEFAULTS = SamplePrompt(
     prompt="", negative="ugly", width=64, height=64, seed=1, steps=2, cfg=7.0, sampler="Euler a"

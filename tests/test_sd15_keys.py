@@ -15,7 +15,7 @@ import pytest
 import torch
 from sd15_naming import a1111_target, comfyui_accepts_text_encoder_key
 
-from meebs.network import (
+from meebs.network.build import (
     NetworkSpec,
     build_network,
     count_modules,

@@ -15,9 +15,9 @@ import pytest
 from engine_runs import SHORT_RUN
 from safetensors import safe_open
 
-from meebs import latents as latent_io
-from meebs import perf
 from meebs.cli import main
+from meebs.data import latents as latent_io
+from meebs.training import perf
 
 pytestmark = pytest.mark.slow  # trains, or starts processes: `make test-fast` skips it
 

@@ -17,12 +17,11 @@ import torch
 from rich.console import Console
 
 from meebs.errors import RecipeError
-from meebs.metadata import build_metadata, network_spec
-from meebs.models import build_tiny
-from meebs.network import build_network, save_network
-from meebs.plan import make_plan, print_plan, scan_data
-from meebs.recipe import Recipe, load_recipe, recipe_from_dict
-from meebs.size_estimate import (
+from meebs.models.base import build_tiny
+from meebs.network.build import build_network, save_network
+from meebs.plan.metadata import build_metadata, network_spec
+from meebs.plan.report import print_plan
+from meebs.plan.sizes import (
     describe_sizes,
     empty_model,
     network_shapes,
@@ -30,7 +29,9 @@ from meebs.size_estimate import (
     planned_facts,
     safetensors_size,
 )
-from meebs.train import prepare
+from meebs.plan.steps import make_plan, scan_data
+from meebs.recipe.schema import Recipe, load_recipe, recipe_from_dict
+from meebs.training.train import prepare
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "recipes" / "demo.yaml"

@@ -12,9 +12,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from meebs.cartoons import draw_meeb, draw_person
-from meebs.image_survey import find_similar, survey_image
-from meebs.synthetic import (
+from meebs.data.image_survey import find_similar, survey_image
+from meebs.tiny.cartoons import draw_meeb, draw_person
+from meebs.tiny.synthetic import (
     CYCLOPS_COUNT,
     MEEB_COLOURS,
     POSE_COUNT,
@@ -47,7 +47,7 @@ def test_make_data_regenerates_the_committed_tree_byte_for_byte(tmp_path):
     regenerated = digests(tmp_path)
     assert regenerated.pop("notes.md") == hashlib.sha256(b"not generated\n").hexdigest()
     assert regenerated == digests(DATA), (
-        "data/ is out of date with meebs/synthetic.py: run `make data` and commit the result"
+        "data/ is out of date with meebs/tiny/synthetic.py: run `make data` and commit the result"
     )
 
 

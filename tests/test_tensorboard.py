@@ -25,9 +25,9 @@ import pytest
 from rich.console import Console
 
 from meebs import cli
-from meebs import tensorboard as tb
-from meebs.recipe import load_recipe
-from meebs.train import train
+from meebs.recipe.schema import load_recipe
+from meebs.training.train import train
+from meebs.use import tensorboard as tb
 
 pytestmark = pytest.mark.slow  # trains, or starts processes: `make test-fast` skips it
 

@@ -3,9 +3,9 @@
 import torch
 from transformers import CLIPTextModel
 
-from meebs.models import build_tiny
-from meebs.text_encoding import encode, tokenize
-from meebs.tokenizer import clip_tokenizer
+from meebs.models.base import build_tiny
+from meebs.models.text_encoding import encode, tokenize
+from meebs.models.tokenizer import clip_tokenizer
 
 
 def tiny_text_encoder() -> CLIPTextModel:

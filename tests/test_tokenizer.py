@@ -6,7 +6,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from meebs.tokenizer import _bytes_to_unicode, clip_tokenizer
+from meebs.models.tokenizer import _bytes_to_unicode, clip_tokenizer
 
 
 def test_vocabulary_size_and_special_tokens() -> None:

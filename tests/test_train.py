@@ -14,16 +14,16 @@ from rich.console import Console
 from safetensors import safe_open
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from meebs import latents as latent_io
-from meebs.dataset import load_image
-from meebs.metadata import network_spec
-from meebs.models import build_tiny
-from meebs.network import build_network, load_network_weights
-from meebs.plan import make_plan, scan_data
-from meebs.recipe import load_recipe
-from meebs.safetensors_io import file_sha256
-from meebs.size_estimate import plan_file_sizes
-from meebs.train import train
+from meebs.data import latents as latent_io
+from meebs.data.dataset import load_image
+from meebs.files.safetensors_io import file_sha256
+from meebs.models.base import build_tiny
+from meebs.network.build import build_network, load_network_weights
+from meebs.plan.metadata import network_spec
+from meebs.plan.sizes import plan_file_sizes
+from meebs.plan.steps import make_plan, scan_data
+from meebs.recipe.schema import load_recipe
+from meebs.training.train import train
 
 pytestmark = pytest.mark.slow  # trains, or starts processes: `make test-fast` skips it
 
@@ -140,7 +140,7 @@ def test_different_seed_gives_different_weights(tmp_path):
 
 def test_ctrl_c_saves_the_last_finished_step(tmp_path, monkeypatch):
     """SIGINT during step 5: the step finishes, is saved as -step00000005, and we stop."""
-    from meebs import perf
+    from meebs.training import perf
 
     original = perf.PerfMeter.step_done
 
@@ -168,8 +168,8 @@ def test_keep_last_n_epochs_removes_older_epoch_files(tmp_path):
 
 
 def test_times_come_only_from_source_date_epoch(short_demo, monkeypatch):
-    from meebs.metadata import RunFacts, build_metadata
-    from meebs.plan import make_plan, scan_data
+    from meebs.plan.metadata import RunFacts, build_metadata
+    from meebs.plan.steps import make_plan, scan_data
 
     recipe = short_demo.recipe
     monkeypatch.chdir(REPO)

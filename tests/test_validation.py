@@ -15,14 +15,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from meebs import train as train_module
-from meebs import validation
-from meebs.dataset import ImageItem
+from meebs.data.dataset import ImageItem
 from meebs.errors import MeebsError
-from meebs.plan import make_plan, print_plan, scan_data
-from meebs.recipe import load_recipe
-from meebs.train import prepare, train
-from meebs.validation import Validator, spread_timesteps
+from meebs.plan.report import print_plan
+from meebs.plan.steps import make_plan, scan_data
+from meebs.recipe.schema import load_recipe
+from meebs.training import train as train_module
+from meebs.training import validation
+from meebs.training.train import prepare, train
+from meebs.training.validation import Validator, spread_timesteps
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "recipes" / "demo.yaml"

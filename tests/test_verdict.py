@@ -19,9 +19,9 @@ from PIL import Image
 from rich.console import Console
 
 from meebs.errors import MeebsError
-from meebs.recipe import load_recipe
-from meebs.train import train
-from meebs.verdict import GRID_NAME, GRID_SEEDS, RESULT_NAME, latest_run, make_verdict
+from meebs.recipe.schema import load_recipe
+from meebs.tiny.verdict import GRID_NAME, GRID_SEEDS, RESULT_NAME, latest_run, make_verdict
+from meebs.training.train import train
 
 pytestmark = pytest.mark.slow  # trains, or starts processes: `make test-fast` skips it
 

@@ -1,0 +1,448 @@
+"""Training and regularization images in kohya's DreamBooth folder layout.
+
+A dataset folder holds one subfolder per subject, named `{repeats}_{tokens}` (for example
+`50_meeb person`). We follow kohya sd-scripts' meaning of that layout, its caption and
+regularization rules and its per-bucket batching, so step counts match kohya's, with three
+changes made on purpose for reproducibility and clear errors:
+
+- folders and files are read in sorted order (kohya uses filesystem order);
+- a folder kohya would skip silently (bad name, no images) stops the run with a message;
+- every image is decoded once while scanning, so a broken file fails before training.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from meebs.errors import DataError
+from meebs.files.text_files import read_text
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+"""Image suffixes we read, compared case-insensitively (kohya's list without avif/jxl)."""
+
+BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0)}
+"""Solid colours a transparent image is flattened onto."""
+
+_SUBSET_NAME = re.compile(r"(?P<repeats>[0-9]+)_(?P<tokens>.*)", re.DOTALL)
+_NAME_HINT = "rename it like '50_meeb person' (repeats, '_', then the caption tokens)"
+# PIL reports broken files with any of these, depending on the format and the damage.
+IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    """One image file and what training needs to know about it without decoding it again."""
+
+    path: Path
+    caption: str
+    size: tuple[int, int]
+    """(width, height) in pixels."""
+    has_alpha: bool
+    is_reg: bool
+    subset: str
+    """Name of the folder it came from, as kohya's metadata keys it."""
+
+
+@dataclass(frozen=True)
+class Subset:
+    """One `{repeats}_{tokens}` folder and its images in sorted order."""
+
+    folder: Path
+    repeats: int
+    tokens: str
+    images: tuple[ImageItem, ...]
+    is_reg: bool
+
+
+@dataclass(frozen=True)
+class DatasetScan:
+    """Everything found in the training and regularization folders, plus user warnings."""
+
+    train: tuple[Subset, ...]
+    reg: tuple[Subset, ...]
+    warnings: tuple[str, ...]
+    held_out: tuple[ImageItem, ...] = ()
+    """Validation images (meebs.data.validation_split): never trained on, not in `train`."""
+
+    @property
+    def num_train_images(self) -> int:
+        """Distinct training image files."""
+        return sum(len(subset.images) for subset in self.train)
+
+    @property
+    def num_reg_images(self) -> int:
+        """Distinct regularization image files."""
+        return sum(len(subset.images) for subset in self.reg)
+
+    @property
+    def train_samples_per_epoch(self) -> int:
+        """Training images counted with their repeats: kohya's `ss_num_train_images`."""
+        return sum(subset.repeats * len(subset.images) for subset in self.train)
+
+    @property
+    def reg_samples_with_repeats(self) -> int:
+        """Regularization images counted with their folder repeats, before balancing:
+        kohya's `ss_num_reg_images`."""
+        return sum(subset.repeats * len(subset.images) for subset in self.reg)
+
+    @property
+    def unique_images(self) -> tuple[ImageItem, ...]:
+        """Training images then regularization images, in scan order. An image's position
+        here never changes between epochs, so it is the index for `background_for`."""
+        return tuple(image for subset in self.train + self.reg for image in subset.images)
+
+    def dataset_dirs(self) -> dict[str, dict[str, int]]:
+        """kohya's `ss_dataset_dirs`: repeats and image count per training folder."""
+        return _dirs_info(self.train)
+
+    def reg_dataset_dirs(self) -> dict[str, dict[str, int]]:
+        """kohya's `ss_reg_dataset_dirs`: repeats and image count per reg folder."""
+        return _dirs_info(self.reg)
+
+    def tag_frequency(self) -> dict[str, dict[str, int]]:
+        """kohya's `ss_tag_frequency`: per folder (training and reg, like kohya), how many
+        images carry each comma-separated tag, lower-cased; repeats are not counted."""
+        frequency: dict[str, dict[str, int]] = {}
+        for subset in self.train + self.reg:
+            counts = frequency.setdefault(subset.folder.name, {})
+            for image in subset.images:
+                for tag in _split_tags(image.caption):
+                    counts[tag.lower()] = counts.get(tag.lower(), 0) + 1
+        return frequency
+
+
+def _dirs_info(subsets: tuple[Subset, ...]) -> dict[str, dict[str, int]]:
+    return {s.folder.name: {"n_repeats": s.repeats, "img_count": len(s.images)} for s in subsets}
+
+
+def _split_tags(caption: str) -> list[str]:
+    return [tag.strip() for tag in caption.split(",") if tag.strip()]
+
+
+# --- scanning -------------------------------------------------------------------------------
+
+
+def parse_subset_name(folder: Path) -> tuple[int, str]:
+    """Read (repeats, tokens) from a kohya folder name such as `50_meeb person`.
+
+    kohya ignores a folder whose name does not parse; we refuse it, because a silently
+    skipped folder trains a different adapter than the user meant.
+    """
+    match = _SUBSET_NAME.fullmatch(folder.name)
+    if match is None:
+        raise DataError(f"folder {folder} does not start with '{{repeats}}_': {_NAME_HINT}")
+    repeats, tokens = int(match["repeats"]), match["tokens"].strip()
+    if repeats < 1:
+        raise DataError(f"folder {folder} has {repeats} repeats, it needs at least 1: {_NAME_HINT}")
+    if not tokens:
+        raise DataError(f"folder {folder} has no tokens after '_': {_NAME_HINT}")
+    return repeats, tokens
+
+
+def scan_dataset(
+    train_dir: Path,
+    reg_dir: Path | None,
+    caption_extension: str,
+    resolution: tuple[int, int],
+) -> DatasetScan:
+    """Read and check every training and regularization image before training starts.
+
+    Raises DataError for anything that would make kohya skip data silently or crash late:
+    missing folders, badly named or empty subfolders, unreadable images or captions.
+    Images without captions and images smaller than `resolution` only produce warnings.
+    """
+    suffix = caption_extension if caption_extension.startswith(".") else f".{caption_extension}"
+    warnings: list[str] = []
+    train = _scan_root(train_dir, "data.train_dir", False, suffix, resolution, warnings)
+    reg = ()
+    if reg_dir is not None:
+        reg = _scan_root(reg_dir, "data.reg_dir", True, suffix, resolution, warnings)
+    scan = DatasetScan(train=train, reg=reg, warnings=())
+    warnings.extend(_unused_reg_warning(scan))
+    return replace(scan, warnings=tuple(warnings))
+
+
+def _scan_root(
+    root: Path,
+    setting: str,
+    is_reg: bool,
+    caption_suffix: str,
+    resolution: tuple[int, int],
+    warnings: list[str],
+) -> tuple[Subset, ...]:
+    if not root.exists():
+        raise DataError(f"{setting} folder {root} does not exist: create it or fix {setting}")
+    if not root.is_dir():
+        raise DataError(f"{setting} {root} is a file, not a folder: fix {setting}")
+    entries = list(_sorted_entries(root))
+    folders = [entry for entry in entries if entry.is_dir()]
+    if not folders:
+        raise DataError(
+            f"{setting} folder {root} has no subfolders: put the images in a subfolder named "
+            f"'{{repeats}}_{{subject}} {{class}}' such as '{root / '50_meeb person'}' "
+            f"(images directly in {root} are not used)"
+        )
+    loose = [entry for entry in entries if _is_image_file(entry)]
+    if loose:
+        warnings.append(
+            f"{len(loose)} image(s) directly in {root} are not used: only its "
+            f"'{{repeats}}_{{tokens}}' subfolders are read"
+        )
+    return tuple(
+        _scan_subset(folder, is_reg, caption_suffix, resolution, warnings) for folder in folders
+    )
+
+
+def _sorted_entries(folder: Path) -> Iterator[Path]:
+    """Non-hidden entries by name: kohya's filesystem order differs between machines, and
+    hidden files (macOS `._x.png` resource forks) are not images even with an image suffix."""
+    names = sorted(entry.name for entry in folder.iterdir() if not entry.name.startswith("."))
+    return (folder / name for name in names)
+
+
+def _is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+
+
+def _scan_subset(
+    folder: Path,
+    is_reg: bool,
+    caption_suffix: str,
+    resolution: tuple[int, int],
+    warnings: list[str],
+) -> Subset:
+    repeats, tokens = parse_subset_name(folder)
+    paths = [entry for entry in _sorted_entries(folder) if _is_image_file(entry)]
+    if not paths:
+        raise DataError(
+            f"folder {folder} has no images ({', '.join(IMAGE_EXTENSIONS)}): "
+            "add images or remove the folder"
+        )
+    images = []
+    uncaptioned = 0
+    for path in paths:
+        caption = _read_caption(path.with_suffix(caption_suffix))
+        uncaptioned += not caption
+        size, has_alpha = _inspect_image(path)
+        if size[0] < resolution[0] or size[1] < resolution[1]:
+            warnings.append(
+                f"{path} is {size[0]}x{size[1]}, smaller than the training resolution "
+                f"{resolution[0]}x{resolution[1]}: it will be upscaled and may look soft"
+            )
+        item = ImageItem(path, caption or tokens, size, has_alpha, is_reg, folder.name)
+        images.append(item)
+    if uncaptioned:
+        warnings.append(
+            f"{uncaptioned} image(s) in {folder} have no {caption_suffix} caption: "
+            f"using the folder's tokens '{tokens}'"
+        )
+    return Subset(folder, repeats, tokens, tuple(images), is_reg)
+
+
+def _read_caption(path: Path) -> str:
+    """The caption's first line, stripped; "" when there is no caption file or it is blank."""
+    if not path.is_file():
+        return ""
+    lines = read_text(path, "caption", DataError).strip().splitlines()
+    return lines[0].strip() if lines else ""
+
+
+def _inspect_image(path: Path) -> tuple[tuple[int, int], bool]:
+    """Size and transparency from the header, then a full decode so that a truncated or
+    corrupt file fails now, naming the file, instead of hours into training."""
+    try:
+        with Image.open(path) as image:
+            size, has_alpha = image.size, _has_alpha(image)
+            image.load()
+    except IMAGE_ERRORS as error:
+        raise DataError(
+            f"cannot read image {path}: {image_error_reason(error)}; remove or replace it"
+        ) from error
+    return size, has_alpha
+
+
+def _has_alpha(image: Image.Image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+
+
+def image_error_reason(error: Exception) -> str:
+    if isinstance(error, UnidentifiedImageError):
+        return "not an image format Pillow recognises (corrupt or mislabelled file)"
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+# --- epochs and batches ---------------------------------------------------------------------
+
+
+def balanced_reg_samples(scan: DatasetScan) -> list[ImageItem]:
+    """Regularization samples for one epoch, balanced against the training samples like
+    sd-scripts' DreamBoothDataset.
+
+    Reg images are taken in scan order, each with its folder's repeats, until their count
+    reaches `train_samples_per_epoch`; images after that point go unused. If all of them
+    together fall short, they get one extra repeat each, round-robin, until the count is
+    reached. As in sd-scripts, the image that crosses the target keeps all its repeats, so
+    with reg repeats above 1 the count can exceed the target by up to repeats - 1.
+    """
+    counts = _reg_counts(scan)
+    return [image for image, count in counts for _ in range(count)]
+
+
+def _reg_counts(scan: DatasetScan) -> list[tuple[ImageItem, int]]:
+    """How often each used reg image appears in an epoch, in scan order."""
+    target = scan.train_samples_per_epoch
+    entries = [(image, subset.repeats) for subset in scan.reg for image in subset.images]
+    used = total = 0
+    while used < len(entries) and total < target:
+        total += entries[used][1]
+        used += 1
+    if used == 0:
+        return []
+    # The round-robin extra repeats: everyone gets `extra // used`, the first ones one more.
+    extra = max(0, target - total)
+    return [
+        (image, repeats + extra // used + (index < extra % used))
+        for index, (image, repeats) in enumerate(entries[:used])
+    ]
+
+
+def _unused_reg_warning(scan: DatasetScan) -> list[str]:
+    unused = scan.num_reg_images - len(_reg_counts(scan))
+    if not unused:
+        return []
+    return [
+        f"{unused} of {scan.num_reg_images} reg images are not used: an epoch has "
+        f"{scan.train_samples_per_epoch} training samples and kohya balances reg to match"
+    ]
+
+
+def epoch_samples(scan: DatasetScan) -> list[ImageItem]:
+    """One epoch: every training image `repeats` times, then its balanced reg partners."""
+    train = [
+        image for subset in scan.train for image in subset.images for _ in range(subset.repeats)
+    ]
+    return train + balanced_reg_samples(scan)
+
+
+def plan_batches(
+    samples: list[ImageItem],
+    bucket_of: Callable[[ImageItem], tuple[int, int]],
+    batch_size: int,
+    rng: random.Random,
+) -> list[list[ImageItem]]:
+    """Batches for one epoch: samples of one bucket per batch, shuffled with `rng`.
+
+    Like kohya, a batch never mixes buckets (tensors must share a size), so each bucket's
+    last batch may be short; the batch order is shuffled across buckets afterwards.
+    """
+    batches: list[list[ImageItem]] = []
+    for members in _group_by_bucket(samples, bucket_of):
+        rng.shuffle(members)
+        batches.extend(members[i : i + batch_size] for i in range(0, len(members), batch_size))
+    rng.shuffle(batches)
+    return batches
+
+
+def count_batches(
+    samples: list[ImageItem],
+    bucket_of: Callable[[ImageItem], tuple[int, int]],
+    batch_size: int,
+) -> int:
+    """Batches per epoch without building them: the sum over buckets of ceil(count/batch)."""
+    groups = _group_by_bucket(samples, bucket_of)
+    return sum(math.ceil(len(members) / batch_size) for members in groups)
+
+
+def _group_by_bucket(
+    samples: list[ImageItem], bucket_of: Callable[[ImageItem], tuple[int, int]]
+) -> list[list[ImageItem]]:
+    """Samples per bucket, buckets in sorted order, samples in their given order."""
+    groups: dict[tuple[int, int], list[ImageItem]] = {}
+    for sample in samples:
+        groups.setdefault(bucket_of(sample), []).append(sample)
+    return [groups[bucket] for bucket in sorted(groups)]
+
+
+# --- captions and pixels at train time ------------------------------------------------------
+
+
+def process_caption(
+    caption: str, *, shuffle: bool, keep_tokens: int, dropout_rate: float, rng: random.Random
+) -> str:
+    """The caption one sample trains with, following kohya's caption options.
+
+    With probability `dropout_rate` it is "" (trains the unconditional prompt). With
+    `shuffle`, the tags after the first `keep_tokens` are shuffled and everything is joined
+    with ", "; without it the caption is used unchanged. Empty tags are dropped when
+    shuffling (kohya keeps them, producing ", ," in the prompt).
+    """
+    if keep_tokens < 0:
+        raise ValueError(f"keep_tokens must be >= 0, got {keep_tokens}")
+    if dropout_rate > 0 and rng.random() < dropout_rate:
+        return ""
+    if not shuffle:
+        return caption
+    tags = _split_tags(caption)
+    fixed, flexible = tags[:keep_tokens], tags[keep_tokens:]
+    rng.shuffle(flexible)
+    return ", ".join(fixed + flexible)
+
+
+def background_for(index: int, mode: str) -> str:
+    """The colour transparency is flattened onto for the image at `index` in
+    `DatasetScan.unique_images`: fixed, or white and black alternating by image."""
+    if mode in BACKGROUNDS:
+        return mode
+    if mode == "alternate":
+        return "white" if index % 2 == 0 else "black"
+    raise ValueError(f"background mode must be white, black or alternate, got {mode!r}")
+
+
+def load_image(path: Path, size: tuple[int, int], background: str) -> torch.Tensor:
+    """The image as a float tensor [3, H, W] in [-1, 1] for a bucket of `size` (w, h).
+
+    Transparency is flattened onto `background`, any mode is converted to RGB, and the
+    image is scaled (Lanczos) to cover the bucket and center-cropped, as kohya does.
+    """
+    if background not in BACKGROUNDS:
+        raise ValueError(f"background must be white or black, got {background!r}")
+    try:
+        with Image.open(path) as image:
+            rgb = flatten_to_rgb(image, BACKGROUNDS[background])
+    except IMAGE_ERRORS as error:
+        raise DataError(
+            f"cannot read image {path}: {image_error_reason(error)}; remove or replace it"
+        ) from error
+    pixels = np.array(_cover_and_crop(rgb, size), dtype=np.float32)
+    return torch.from_numpy(pixels).permute(2, 0, 1).contiguous() / 127.5 - 1.0
+
+
+def flatten_to_rgb(image: Image.Image, colour: tuple[int, int, int]) -> Image.Image:
+    if not _has_alpha(image):
+        return image.convert("RGB")
+    flat = Image.new("RGBA", image.size, (*colour, 255))
+    flat.alpha_composite(image.convert("RGBA"))
+    return flat.convert("RGB")
+
+
+def _cover_and_crop(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Scale so the image covers `size` with kohya's rounding, then cut out the center."""
+    (width, height), (target_w, target_h) = image.size, size
+    if (width, height) == (target_w, target_h):
+        return image
+    wider = width / height > target_w / target_h
+    scale = target_h / height if wider else target_w / width
+    resized_w = max(target_w, int(width * scale + 0.5))
+    resized_h = max(target_h, int(height * scale + 0.5))
+    resized = image.resize((resized_w, resized_h), Image.Resampling.LANCZOS)
+    left, top = (resized_w - target_w) // 2, (resized_h - target_h) // 2
+    return resized.crop((left, top, left + target_w, top + target_h))

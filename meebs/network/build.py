@@ -1,0 +1,326 @@
+"""The LyCORIS network: create it on SD 1.5, save it in kohya's format, load it back.
+
+AUTOMATIC1111 and ComfyUI find a network's layers by kohya key names (`lora_unet_…`,
+`lora_te_text_model_encoder_layers_…`) and rebuild the LoHA delta themselves; a key they
+cannot place is dropped with at most a warning. lycoris-lora 4.1.3 gets two things wrong
+for SD 1.5 out of the box, and both are handled here:
+
+* its built-in "full" preset crashes on SD 1.x UNets (`TimestepEmbedding` is both a
+  target class and the parent of two target names: "duplicated lora name"), so we apply
+  an explicit SD 1.5 preset, every time, because presets are class-level state that any
+  other code (or an earlier network) may have changed;
+* transformers 5's CLIPTextModel has no `.text_model` level, so lycoris would name the
+  text-encoder keys `lora_te_encoder_layers_…`, which both loaders silently ignore; lycoris
+  is handed a wrapper that restores the level.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from lycoris.kohya import LycorisNetworkKohya, create_network_from_weights
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from meebs.errors import MeebsError, RecipeError, TrainingDiverged
+from meebs.files.safetensors_io import save_file_atomic
+
+# lycoris sets its logger to INFO when imported and logs every module it creates: keep
+# its warnings, drop the chatter.
+logging.getLogger("LyCORIS").setLevel(logging.WARNING)
+
+ALGOS = ("loha", "locon", "lora")
+
+PRESET_NAME = "full"
+# LyCORIS' "full" preset restricted to the classes and names SD 1.5 has (REFERENCE §4):
+# 282 UNet modules and 72 text-encoder modules. Every key is spelled out so that no
+# setting of a preset applied earlier in the process survives.
+SD15_PRESET = {
+    "enable_conv": True,
+    "unet_target_module": ["Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"],
+    "unet_target_name": [
+        "conv_in",
+        "conv_out",
+        "time_embedding.linear_1",
+        "time_embedding.linear_2",
+    ],
+    "text_encoder_target_module": ["CLIPAttention", "CLIPMLP"],
+    "text_encoder_target_name": [],
+    "module_algo_map": {},
+    "name_algo_map": {},
+    "use_fnmatch": False,
+    "exclude_name": [],
+}
+
+# Tensors whose first dimension is the module's rank, in LoHA (with or without Tucker)
+# and LoCon/LoRA files alike.
+_RANK_SUFFIXES = (".hada_w1_b", ".hada_w2_b", ".lora_down.weight")
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """What kind of network to train: the kohya/LyCORIS network arguments, typed.
+
+    `alpha` 0 means alpha = dim, as in kohya and LyCORIS. `conv_dim` 0 leaves k x k
+    convolutions alone. "lora" and "locon" are the same LyCORIS module (LoCon).
+    """
+
+    algo: str = "loha"
+    dim: int = 4
+    alpha: float = 1.0
+    conv_dim: int = 4
+    conv_alpha: float = 1.0
+    use_tucker: bool = False
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.algo not in ALGOS:
+            raise RecipeError(f"network algo {self.algo!r} is not one of {', '.join(ALGOS)}")
+        if self.dim < 1 or self.conv_dim < 0:
+            raise RecipeError(
+                f"network dim must be >= 1 and conv_dim >= 0, not {self.dim}/{self.conv_dim}"
+            )
+        if self.alpha < 0 or self.conv_alpha < 0:
+            raise RecipeError("network alpha and conv_alpha must be >= 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise RecipeError(f"network dropout must be in [0, 1), not {self.dropout}")
+        if self.dropout and self.algo == "loha":
+            raise RecipeError("LyCORIS LoHA ignores dropout (lycoris-lora 4.1.3); set it to 0")
+
+    def to_network_args(self) -> dict[str, str]:
+        """The content of kohya's `ss_network_args`: strings, as kohya's parser leaves them.
+
+        Only `use_tucker` is written (never `use_cp`/`use_conv_cp`): LyCORIS ORs all of
+        them, parsed from strings, so a second spelling could only cause confusion.
+        """
+        args = {
+            "algo": self.algo,
+            "conv_dim": _number(self.conv_dim),
+            "conv_alpha": _number(self.conv_alpha),
+            "use_tucker": str(self.use_tucker),
+            "preset": PRESET_NAME,
+        }
+        if self.dropout:
+            args["dropout"] = _number(self.dropout)
+        return args
+
+
+class _TextModelLevel(nn.Module):
+    """Shows lycoris the text encoder under `.text_model`, so its keys get that level."""
+
+    def __init__(self, text_model: nn.Module) -> None:
+        super().__init__()
+        self.text_model = text_model
+
+
+def lycoris_text_encoder(text_encoder: nn.Module) -> nn.Module:
+    """The module to hand lycoris as "text encoder" so keys read `lora_te_text_model_…`.
+
+    The wrapper only holds a reference: the real text encoder object is not changed.
+    transformers <= 4 still has the level itself, and its inner model is used then.
+    """
+    return _TextModelLevel(getattr(text_encoder, "text_model", text_encoder))
+
+
+def apply_sd15_preset() -> None:
+    """Set lycoris' class-level targets to SD15_PRESET; needed before creating or loading."""
+    LycorisNetworkKohya.apply_preset(copy.deepcopy(SD15_PRESET))
+
+
+def build_network(
+    unet: nn.Module,
+    text_encoder: nn.Module,
+    spec: NetworkSpec,
+    *,
+    train_unet: bool = True,
+    train_text_encoder: bool = True,
+    multiplier: float = 1.0,
+) -> LycorisNetworkKohya:
+    """Create the network on `unet` and `text_encoder` and hook it into their forwards.
+
+    A part that is not trained (its learning rate is 0) gets no modules, so the file has
+    no keys for it. Initial values come from torch's global RNG (the caller seeds it):
+    text-encoder modules are drawn first, then UNet modules, and both are always drawn,
+    so the UNet init does not depend on whether the text encoder is trained.
+
+    The class is built directly rather than through `lycoris.kohya.create_network`,
+    which would re-apply one of lycoris' own presets over ours and reads its Tucker flags
+    as an `or` of raw strings (where "False" is truthy); here every argument is typed.
+    """
+    if not (train_unet or train_text_encoder):
+        raise RecipeError("nothing to train: the UNet and text-encoder learning rates are both 0")
+    apply_sd15_preset()
+    wrapped_text_encoder = lycoris_text_encoder(text_encoder)
+    network = LycorisNetworkKohya(
+        wrapped_text_encoder,
+        unet,
+        multiplier=multiplier,
+        lora_dim=spec.dim,
+        alpha=spec.alpha,
+        conv_lora_dim=spec.conv_dim,
+        conv_alpha=spec.conv_alpha,
+        use_tucker=spec.use_tucker,
+        dropout=spec.dropout,
+        network_module=spec.algo,
+    )
+    network.apply_to(
+        wrapped_text_encoder,
+        unet,
+        apply_text_encoder=train_text_encoder,
+        apply_unet=train_unet,
+    )
+    return network
+
+
+def count_modules(network: LycorisNetworkKohya) -> tuple[int, int]:
+    """(UNet modules, text-encoder modules) of a network, printed when training starts."""
+    return len(network.unet_loras), len(network.text_encoder_loras)
+
+
+# output.save_precision -> the dtype of the saved tensors
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def network_state_dict(network: LycorisNetworkKohya, dtype: torch.dtype) -> dict[str, Tensor]:
+    """The kohya-named tensors, cast to the save precision: CPU, contiguous, copies."""
+    return {
+        key: value.detach().to(device="cpu", dtype=dtype, copy=True).contiguous()
+        for key, value in network.state_dict().items()
+    }
+
+
+def save_network(
+    network: LycorisNetworkKohya,
+    path: Path,
+    metadata: dict[str, str],
+    dtype: torch.dtype,
+    *,
+    overwrite: bool = False,
+) -> None:
+    """Write the network as kohya does (with `sshs_model_hash`), atomically, reproducibly;
+    never a file with a NaN or inf in it (`refuse_non_finite`)."""
+    tensors = network_state_dict(network, dtype)
+    refuse_non_finite(tensors, path, network.state_dict())
+    save_file_atomic(tensors, path, metadata, overwrite=overwrite, add_hashes=True)
+
+
+def refuse_non_finite(saved: dict[str, Tensor], path: Path, trained: dict[str, Tensor]) -> None:
+    """Stop before writing `saved` (the tensors as cast to the save precision) if any
+    value is NaN or inf. A loader would apply such a file without a word and draw black
+    or noise; the cause is nearly always a learning rate too high, either for the
+    weights themselves or for the save dtype's range (fp16 ends at 65504)."""
+    bad = sum(int((~torch.isfinite(t)).sum()) for t in saved.values() if t.is_floating_point())
+    if not bad:
+        return
+    total = sum(t.numel() for t in saved.values())
+    dtype = next(t.dtype for t in saved.values() if t.is_floating_point())
+    if all(torch.isfinite(t).all() for t in trained.values() if t.is_floating_point()):
+        largest = max(float(t.detach().abs().max()) for t in trained.values() if t.numel())
+        raise TrainingDiverged(
+            f"{path}: not written: {bad:,} of {total:,} values overflow {_name(dtype)} to inf "
+            f"(largest |value| {largest:.3g}, {_name(dtype)} holds up to "
+            f"{torch.finfo(dtype).max:.5g}); lower the learning rate, or save in a wider "
+            "type (output.save_precision: bf16 or fp32)"
+        )
+    raise TrainingDiverged(
+        f"{path}: not written: {bad:,} of {total:,} values are NaN or inf, so training has "
+        "diverged; lower the learning rate and train again"
+    )
+
+
+def _name(dtype: torch.dtype) -> str:
+    return next((name for name, known in SAVE_DTYPES.items() if known == dtype), str(dtype))
+
+
+def load_network_weights(network: LycorisNetworkKohya, path: Path) -> None:
+    """Start training from an existing network file (kohya's `network_weights`).
+
+    Every tensor of the file must have a place of the same shape in `network`, and the
+    alphas must agree (lycoris fixes each module's scale when it is built, so a copied
+    alpha would be ignored). Modules the file lacks keep their fresh init.
+    """
+    path = Path(path)
+    stored = load_tensors(path)
+    _check_fits(network, path, stored)
+    weights = {key: value for key, value in stored.items() if not key.endswith(".alpha")}
+    with torch.no_grad():
+        network.load_state_dict(weights, strict=False)
+
+
+def load_network_file(
+    path: Path, unet: nn.Module, text_encoder: nn.Module, *, multiplier: float = 1.0
+) -> LycorisNetworkKohya:
+    """Apply a saved network to `unet` and `text_encoder` for generation.
+
+    diffusers cannot load LoHA files, so this goes through lycoris' kohya loader, with our
+    preset and text-encoder naming. Unlike AUTOMATIC1111 and ComfyUI, a module that
+    matches no layer of the model is an error here, not a silently dropped key.
+    """
+    path = Path(path)
+    weights = load_tensors(path)
+    apply_sd15_preset()
+    wrapped_text_encoder = lycoris_text_encoder(text_encoder)
+    network, _ = create_network_from_weights(
+        multiplier, str(path), None, wrapped_text_encoder, unet, weights_sd=weights
+    )
+    loaded = {lora.lora_name for lora in network.unet_loras + network.text_encoder_loras}
+    unplaced = sorted({key.split(".")[0] for key in weights} - loaded)
+    if unplaced:
+        raise MeebsError(
+            f"{path}: {len(unplaced)} modules match no layer of this model, e.g. {unplaced[0]}"
+        )
+    network.apply_to(wrapped_text_encoder, unet, apply_text_encoder=True, apply_unet=True)
+    return network
+
+
+def _number(value: float) -> str:
+    """A number as a kohya command line would give it: 4, 1, 0.5 (no trailing .0)."""
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def load_tensors(path: Path) -> dict[str, Tensor]:
+    try:
+        return load_file(path)
+    except FileNotFoundError:
+        raise MeebsError(f"network file {path} does not exist") from None
+    except (SafetensorError, OSError) as error:
+        raise MeebsError(f"{path} is not a readable safetensors file ({error})") from None
+
+
+def _check_fits(network: LycorisNetworkKohya, path: Path, stored: dict[str, Tensor]) -> None:
+    """Raise MeebsError naming the first way the file's tensors do not fit `network`."""
+    expected = network.state_dict()
+    foreign = sorted(set(stored) - set(expected))
+    if foreign:
+        raise MeebsError(
+            f"{path} does not fit this network: {len(foreign)} tensors such as {foreign[0]} "
+            "have no place in it (trained with another algo, preset, use_tucker or parts?)"
+        )
+    for key in sorted(stored, key=lambda name: not name.endswith(_RANK_SUFFIXES)):
+        have, want = stored[key], expected[key]
+        if have.shape != want.shape:
+            raise MeebsError(f"{path} {_shape_mismatch(network, key, have, want)}")
+        if key.endswith(".alpha") and not math.isclose(have.item(), want.item(), rel_tol=1e-3):
+            raise MeebsError(
+                f"{path} was trained with alpha {have.item():g}, the recipe says "
+                f"alpha {want.item():g} ({key})"
+            )
+
+
+def _shape_mismatch(network: LycorisNetworkKohya, key: str, have: Tensor, want: Tensor) -> str:
+    """Explain a shape mismatch in recipe terms where the tensor carries the rank."""
+    if not key.endswith(_RANK_SUFFIXES):
+        return f"has {key} of shape {list(have.shape)}, this network needs {list(want.shape)}"
+    module_name = key.split(".")[0]
+    shape = next(lora.shape for lora in network.loras if lora.lora_name == module_name)
+    dim = "conv dim" if any(size != 1 for size in shape[2:]) else "dim"
+    return (
+        f"was trained with {dim} {have.shape[0]}, the recipe says {dim} {want.shape[0]} "
+        f"({module_name})"
+    )

@@ -1,0 +1,231 @@
+"""`generate`: images from a prompt with AUTOMATIC1111's `<lyco:NAME:W>` tags, A1111-style PNGs.
+
+The point is to try a trained network the way it will be used, without starting a UI:
+the same prompt syntax, sampler names and PNG "parameters" text, so an image can be
+dropped into A1111's PNG Info tab and reproduced there. Everything the user typed is
+checked (tags, names, files, sampler, size) before the base model is loaded and before
+anything is written; images go to a numbered file each, never over an existing one.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+from rich.console import Console
+
+from meebs.errors import MeebsError
+from meebs.files.atomic_write import make_folder, write_atomic
+from meebs.files.safetensors_io import addnet_hash
+from meebs.models.base import BaseModel, load_base_model
+from meebs.models.sampling import SamplePrompt, generate_samples, normalize_sampler
+from meebs.network.apply import apply_network, read_shapes
+from meebs.use.network_lookup import find_network
+from meebs.use.prompt_tags import NetworkTag, parse_prompt, weight_warnings
+
+DEFAULT_OUT = Path("outputs") / "generated"
+DEFAULT_SIZE = (512, 512)
+BUILTIN_PREFIX = "builtin:"
+_NUMBERED = re.compile(r"^(\d{5})-")
+
+
+@dataclass(frozen=True)
+class Request:
+    """What the user asked for, as typed; `None` means "from the network, else default"."""
+
+    prompt: str
+    negative: str = ""
+    seed: int | None = None
+    steps: int = 20
+    cfg: float = 7.0
+    sampler: str = "Euler a"
+    size: str | None = None
+    count: int = 1
+    networks: list[Path] = field(default_factory=list)
+    outputs: Path = Path("outputs")
+    out: Path = DEFAULT_OUT
+    model: str | None = None
+    sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """One network tag and the file it names."""
+
+    tag: NetworkTag
+    path: Path
+    metadata: dict[str, str]
+
+
+def generate(request: Request, console: Console) -> list[Path]:
+    """Draw `request.count` images (seeds seed, seed+1, ...) and return the files written."""
+    text, tags = parse_prompt(request.prompt)
+    if parse_prompt(request.negative)[1]:
+        raise MeebsError("network tags belong in the prompt, not in --negative")
+    if request.count < 1:
+        raise MeebsError(f"--count {request.count} must be at least 1")
+    for line in weight_warnings(tags):
+        console.print(f"[yellow]warning:[/yellow] {line}", highlight=False)
+    resolved = [_resolve(tag, request, console) for tag in tags]
+    seed = random.SystemRandom().randrange(2**32) if request.seed is None else request.seed
+    prompts = _prompts(request, text, seed, resolved)
+    base = _base_model(request, resolved)
+    for item in resolved:
+        _warn_other_base(item, base, console)
+        apply_network(item.path, base, te=item.tag.te, unet=item.tag.unet)
+    first = resolved[0].metadata if resolved else {}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for part in (base.unet, base.vae, base.text_encoder):
+        part.to(device)
+    images = generate_samples(
+        base,
+        prompts=prompts,
+        device=device,
+        dtype=torch.float32,
+        clip_skip=int(first.get("ss_clip_skip", 1)),
+        max_token_length=int(first.get("ss_max_token_length", 75)),
+    )
+    hashes = {item.tag.name: addnet_hash(item.path)[:12] for item in resolved}
+    make_folder(request.out, "give a writable folder with --out")
+    written = []
+    for prompt, image in zip(prompts, images, strict=True):
+        info = infotext(request.prompt, prompt, base, hashes)
+        written.append(_write_png(request.out, prompt.seed, image, info))
+        console.print(f"wrote {written[-1]}", highlight=False)
+    return written
+
+
+def infotext(typed_prompt: str, prompt: SamplePrompt, base: BaseModel, hashes: dict) -> str:
+    """A1111's "parameters" text: the prompt as typed, the negative line, the settings."""
+    settings = {
+        "Steps": prompt.steps,
+        "Sampler": prompt.sampler,
+        "CFG scale": f"{prompt.cfg:g}",
+        "Seed": prompt.seed,
+        "Size": f"{prompt.width}x{prompt.height}",
+        "Model hash": base.sha256[:10],
+        "Model": base.name,
+    }
+    if hashes:
+        settings["Lora hashes"] = ", ".join(f"{name}: {digest}" for name, digest in hashes.items())
+    lines = [typed_prompt]
+    if prompt.negative:
+        lines.append(f"Negative prompt: {prompt.negative}")
+    lines.append(", ".join(f"{key}: {_quote(str(value))}" for key, value in settings.items()))
+    return "\n".join(lines)
+
+
+def _quote(value: str) -> str:
+    """A1111's `quote`: JSON-quote a value only when it holds ',', ':' or a newline."""
+    return json.dumps(value, ensure_ascii=False) if re.search(r"[,:\n]", value) else value
+
+
+def _resolve(tag: NetworkTag, request: Request, console: Console) -> Resolved:
+    found = find_network(tag.name, [request.outputs, *request.networks])
+    if found.candidates > 1:
+        console.print(
+            f"{tag.text}: {found.candidates} files named {found.path.name}; using the newest, "
+            f"{found.path}",
+            highlight=False,
+        )
+    _, metadata = read_shapes(found.path)
+    return Resolved(tag, found.path, metadata)
+
+
+def _prompts(
+    request: Request, text: str, seed: int, resolved: list[Resolved]
+) -> list[SamplePrompt]:
+    width, height = _size(request.size, resolved)
+    return [
+        SamplePrompt(
+            prompt=text,
+            negative=request.negative,
+            width=width,
+            height=height,
+            seed=seed + index,
+            steps=request.steps,
+            cfg=request.cfg,
+            sampler=normalize_sampler(request.sampler),
+        )
+        for index in range(request.count)
+    ]
+
+
+def _size(size: str | None, resolved: list[Resolved]) -> tuple[int, int]:
+    """--size WxH, else the first network's training resolution, else 512x512."""
+    if size is None and resolved:
+        size = resolved[0].metadata.get("modelspec.resolution")
+    if size is None:
+        return DEFAULT_SIZE
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", size)
+    if not match:
+        raise MeebsError(f"--size {size!r}: write WIDTHxHEIGHT, e.g. 512x512")
+    return int(match.group(1)), int(match.group(2))
+
+
+def _base_model(request: Request, resolved: list[Resolved]) -> BaseModel:
+    """--model, else the base recorded in the first network's meebs_recipe."""
+    if request.model is not None:
+        builtin = request.model.removeprefix(BUILTIN_PREFIX)
+        is_builtin = request.model.startswith(BUILTIN_PREFIX)
+        return load_base_model(
+            builtin=builtin if is_builtin else None,
+            path=None if is_builtin else Path(request.model),
+            sha256=request.sha256,
+            allow_pickle=False,
+        )
+    if not resolved:
+        raise MeebsError("no network tag in the prompt: give the base model with --model")
+    first = resolved[0]
+    if "meebs_recipe" not in first.metadata:
+        raise MeebsError(
+            f"{first.path} records no meebs recipe, so its base model is unknown: give --model"
+        )
+    model = json.loads(first.metadata["meebs_recipe"])["model"]
+    return load_recorded_base(model, pin=request.sha256)
+
+
+def load_recorded_base(model: Mapping[str, Any], pin: str | None = None) -> BaseModel:
+    """The base a recipe's `model` section names (as recorded in a network or a run).
+
+    `pin` replaces the recorded sha256, for a user who knows the base file changed.
+    """
+    return load_base_model(
+        builtin=model.get("builtin"),
+        path=model.get("path"),
+        sha256=pin or model.get("sha256"),
+        allow_pickle=bool(model.get("allow_pickle", False)),
+    )
+
+
+def _warn_other_base(item: Resolved, base: BaseModel, console: Console) -> None:
+    trained_on = item.metadata.get("ss_new_sd_model_hash")
+    if trained_on and trained_on != base.sha256:
+        console.print(
+            f"[yellow]warning:[/yellow] {item.tag.name} was trained on base sha256 "
+            f"{trained_on[:10]}, not on {base.name} ({base.sha256[:10]})",
+            highlight=False,
+        )
+
+
+def _write_png(out: Path, seed: int, image: Image.Image, info: str) -> Path:
+    """`NNNNN-SEED.png` with the next free number (A1111's naming), atomically."""
+    numbers = [int(m.group(1)) for p in out.iterdir() if (m := _NUMBERED.match(p.name))]
+    number = max(numbers, default=-1) + 1
+    while (path := out / f"{number:05d}-{seed}.png").exists():
+        number += 1
+    pnginfo = PngInfo()
+    pnginfo.add_text("parameters", info)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=pnginfo, compress_level=9)
+    write_atomic(path, [buffer.getbuffer()])
+    return path

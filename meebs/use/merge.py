@@ -1,0 +1,185 @@
+"""`merge`: bake one or more networks into the base model, pinned, in a loader's layout.
+
+Each network is given as `FILE[:WEIGHT]` (weight 1 by default, negative allowed). For
+every module of the file the delta is rebuilt from its tensors (`meebs.network.deltas`, our own
+formula, not lycoris' `merge_to`, REFERENCE §9), scaled by the weight and added to the
+layer the kohya name points at. Every key must land on a layer of the right shape: a
+file for another architecture stops the merge before anything is written.
+
+The result is either a single `.safetensors` checkpoint in the original LDM layout
+(`--into NAME.safetensors`, what AUTOMATIC1111 and ComfyUI load from their checkpoints
+folder; fp16 by default, like published checkpoints) or a diffusers folder (`--into DIR`;
+text encoder with `text_model.` keys, as ComfyUI's loader expects; fp32 by default, as
+before). Either comes with `<name>.sha256`, so it can be trained on or generated with as
+`model.path` + `model.sha256`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from torch import Tensor, nn
+
+from meebs.errors import MeebsError
+from meebs.files.atomic_write import write_text_atomic
+from meebs.interop.diffusers_export import save_diffusers_folder
+from meebs.interop.ldm_export import save_ldm_file
+from meebs.models.base import PICKLE_SUFFIXES, BaseModel, load_base_model
+from meebs.network.build import load_tensors
+from meebs.network.deltas import MARKERS, module_delta
+from meebs.network.kohya_names import kohya_layers, looks_like_sdxl
+
+PRECISIONS = {"fp16": torch.float16, "fp32": torch.float32}
+# The default when --save-precision is not given: a single file is shared and loaded
+# like a published checkpoint (fp16, half the size); a folder keeps what it always was.
+DEFAULT_PRECISION = {"file": "fp16", "folder": "fp32"}
+
+
+@dataclass(frozen=True)
+class WeightedNetwork:
+    """One `FILE[:WEIGHT]` argument."""
+
+    path: Path
+    weight: float = 1.0
+
+
+def parse_network_arg(text: str) -> WeightedNetwork:
+    """`net.safetensors`, `net.safetensors:0.7`, `net.safetensors:-1`; anything else is refused.
+
+    Only the part after the last ":" that follows the file's suffix is a weight, so a
+    path without a weight is never cut in two.
+    """
+    path, sep, weight = text.rpartition(":")
+    if not sep or "/" in weight or weight.endswith(".safetensors"):
+        return WeightedNetwork(Path(text))
+    try:
+        value = float(weight)
+    except ValueError:
+        value = math.nan
+    if not path or not math.isfinite(value):
+        raise MeebsError(
+            f"{text!r}: the weight after ':' must be a number, e.g. {path or 'net.safetensors'}:0.8"
+        )
+    return WeightedNetwork(Path(path), value)
+
+
+def read_network(path: Path) -> dict[str, dict[str, Tensor]]:
+    """The file's tensors grouped by module key: {module: {suffix: tensor}}."""
+    modules: dict[str, dict[str, Tensor]] = defaultdict(dict)
+    for key, tensor in load_tensors(Path(path)).items():
+        module, _, suffix = key.partition(".")
+        modules[module][suffix] = tensor
+    if not any(marker in tensors for tensors in modules.values() for marker in MARKERS):
+        raise MeebsError(
+            f"{path} is not a LoRA/LoCon/LoHA network: it has no lora_down/hada_w1 tensors"
+        )
+    return dict(modules)
+
+
+def merge_into(
+    unet: nn.Module, text_encoder: nn.Module, modules: dict[str, dict[str, Tensor]], weight: float
+) -> None:
+    """Add `weight` x each module's delta to the layer it names, in place.
+
+    All names are checked before any weight changes; a shape mismatch found later leaves
+    the in-memory model half merged, which is why callers write nothing on error.
+    """
+    layers = kohya_layers(unet, text_encoder)
+    for module_key in sorted(modules):
+        if module_key not in layers:
+            raise MeebsError(_unplaced(module_key))
+    with torch.no_grad():
+        for module_key, tensors in sorted(modules.items()):
+            layer_weight = layers[module_key].weight
+            delta = module_delta(module_key, tensors, layer_weight.shape)
+            layer_weight.add_(delta.to(layer_weight.dtype), alpha=weight)
+
+
+def merge(
+    networks: list[WeightedNetwork],
+    into: Path,
+    *,
+    builtin: str | None,
+    model_path: Path | None,
+    sha256: str | None,
+    save_precision: str | None = None,
+) -> str:
+    """Merge `networks` into the base model and write `into` + `into.sha256`; return the pin.
+
+    `into` ending in `.safetensors` is a single LDM-layout file, anything else a folder.
+    """
+    into = Path(into)
+    pin_file = pin_path(into)
+    kind = output_kind(into)
+    dtype = PRECISIONS[save_precision or DEFAULT_PRECISION[kind]]
+    for target in (into, pin_file):
+        if target.exists():
+            raise MeebsError(f"{target} already exists; refusing to overwrite it")
+    if not into.parent.is_dir():
+        raise MeebsError(f"{into.parent} is not a folder: create it first")
+    contents = [(network, read_network(network.path)) for network in networks]
+    model: BaseModel = load_base_model(
+        builtin=builtin, path=model_path, sha256=sha256, allow_pickle=False
+    )
+    for network, modules in contents:
+        try:
+            merge_into(model.unet, model.text_encoder, modules, network.weight)
+        except MeebsError as error:
+            raise MeebsError(f"{network.path}: {error}") from None
+    if kind == "file":
+        digest = save_ldm_file(model, into, dtype)
+    else:
+        for part in (model.unet, model.vae, model.text_encoder):
+            part.to(dtype)
+        digest = save_diffusers_folder(model, into)
+    write_text_atomic(pin_file, f"{digest}  {into.name}\n")
+    return digest
+
+
+def output_kind(into: Path) -> str:
+    """ "file" for `NAME.safetensors`, "folder" for anything else; pickle names are refused."""
+    suffix = Path(into).suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        raise MeebsError(
+            f"{into}: merge writes no pickle files; name it {Path(into).stem}.safetensors "
+            "for a single checkpoint, or give a folder name without a suffix"
+        )
+    return "file" if suffix == ".safetensors" else "folder"
+
+
+def pin_path(into: Path) -> Path:
+    """Where the sha256 of a merge output is written: next to it, `<name>.sha256`."""
+    return into.with_name(into.name + ".sha256")
+
+
+def _unplaced(module_key: str) -> str:
+    if looks_like_sdxl(module_key):
+        return f"{module_key} is an SDXL key (kohya's SDXL naming): this network is not for SD 1.x"
+    return f"{module_key} matches no layer of this SD 1.x base model"
+
+
+def run_merge(args: argparse.Namespace, console: Console) -> int:
+    """The `merge` command: parse, merge, print the pin as recipe keys."""
+    builtin = args.model.removeprefix("builtin:") if args.model.startswith("builtin:") else None
+    model_path = None if builtin is not None else Path(args.model)
+    networks = [parse_network_arg(text) for text in args.networks]
+    digest = merge(
+        networks,
+        Path(args.into),
+        builtin=builtin,
+        model_path=model_path,
+        sha256=args.sha256,
+        save_precision=args.save_precision,
+    )
+    for line in (
+        f"{args.into}\nsha256 {digest}",
+        f"use it with: model.path={args.into} model.sha256={digest}",
+    ):
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+    return 0
