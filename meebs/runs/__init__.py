@@ -1,0 +1,3 @@
+"""Run folders and what they record: new folders, `manifest.json`, and the comparison of
+two runs' inputs.
+"""
