@@ -19,7 +19,7 @@ LOCAL   ?=
 ARGS    ?=
 GPUS    ?=
 # GPUS=N trains with N data-parallel processes through `accelerate launch` (N is checked
-# against the GPUs present first); multi-node: see README "Running faster / on several GPUs".
+# against the GPUs present first); multi-node: see docs/performance.md "Several GPUs".
 gpus_arg = $(if $(GPUS),--gpus $(GPUS))
 
 recipe_file = $(if $(findstring /,$(RECIPE)),$(RECIPE),recipes/$(RECIPE).yaml)
@@ -75,9 +75,10 @@ test: $(VENV)/.installed ## run the whole test suite (CPU only, no network)
 test-fast: $(VENV)/.installed ## the tests that train nothing (<= 2 min): formats, parsers, errors, estimates
 	$(PY) -m pytest -q -m "not slow"
 
-lint: $(VENV)/.installed ## ruff lint + format check
+lint: $(VENV)/.installed ## ruff lint + format check, and the layers' import contract
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	PYTHONPATH=. $(VENV)/bin/lint-imports
 
 format: $(VENV)/.installed ## ruff fix + format
 	$(VENV)/bin/ruff check --fix .

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU figures for the README (issue #7): the 1.3 recipe's settings on the full SD 1.5
+# GPU figures for docs/performance.md (issue #7): the 1.3 recipe's settings on the full SD 1.5
 # architecture (random weights) at 512 px, batch 2, through the real trainer, one
 # configuration per process so each peak-VRAM figure is its own. Not part of CI (CI has
 # no GPU). Run it on a CUDA machine with the project installed:

@@ -78,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     record.add_argument("--results", default="results", help="default: %(default)s")
     record.add_argument("--replace", action="store_true", help="re-record an existing result")
     keys = commands.add_parser("keys", help="list every recipe key with its default")
-    keys.add_argument("--markdown", action="store_true", help="as the README's table")
+    keys.add_argument("--markdown", action="store_true", help="as the table in docs/recipes.md")
     for name, source, text in (
         ("import-kohya", "config", "a kohya_ss GUI config JSON as recipe YAML on stdout"),
         ("export-kohya", "recipe", "a recipe as a kohya_ss GUI config JSON on stdout"),
@@ -89,7 +89,9 @@ def _parser() -> argparse.ArgumentParser:
     fetch = commands.add_parser("fetch-model", help=text, description=text)
     fetch.add_argument("name", help="model name in models.lock.yaml, e.g. sd15")
     fetch.add_argument("--dest", default="models", help="folder (default: %(default)s)")
-    fetch.add_argument("--pins", default=None, help="pins file (default: models.lock.yaml)")
+    fetch.add_argument(
+        "--pins", default=None, help="pins file (default: meebs/configs/models.lock.yaml)"
+    )
     text = "bake networks into the base model: a pinned checkpoint file (A1111/ComfyUI) or folder"
     merge = commands.add_parser("merge", help=text, description=text)
     merge.add_argument("networks", nargs="+", metavar="NETWORK[:W]", help="weight W default 1")
@@ -181,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, console: Console) -> int:
-    from meebs.recipe.schema import documented_keys, keys_markdown, load_recipe
+    from meebs.recipe.keys import documented_keys, keys_markdown
+    from meebs.recipe.loading import load_recipe
 
     if args.command == "tensorboard":
         from meebs.use.tensorboard import exec_sidecar
@@ -244,7 +247,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
 def _resume(args: argparse.Namespace, console: Console) -> int:
     from pathlib import Path
 
-    from meebs.recipe.schema import load_recipe
+    from meebs.recipe.loading import load_recipe
     from meebs.training.train import resume
 
     recipe = None
@@ -343,7 +346,8 @@ def _kohya(args: argparse.Namespace) -> int:
     """The converted file on stdout (to redirect into a file), what was not converted on stderr."""
     from pathlib import Path
 
-    from meebs.interop.kohya_config import export_kohya, import_kohya
+    from meebs.interop.kohya_export import export_kohya
+    from meebs.interop.kohya_import import import_kohya
 
     if args.command == "import-kohya":
         result = import_kohya(Path(args.config))

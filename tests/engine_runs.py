@@ -19,7 +19,8 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
-from meebs.recipe.schema import Recipe, load_recipe
+from meebs.recipe.loading import load_recipe
+from meebs.recipe.schema import Recipe
 from meebs.training import perf
 
 REPO = Path(__file__).resolve().parent.parent

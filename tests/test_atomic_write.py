@@ -10,7 +10,7 @@ import pytest
 
 from meebs.errors import MeebsError
 from meebs.files.atomic_write import make_temp_folder, write_atomic, write_text_atomic
-from meebs.recipe.schema import load_recipe
+from meebs.recipe.loading import load_recipe
 from meebs.runs.folders import new_run_dir
 
 REPO = Path(__file__).resolve().parent.parent

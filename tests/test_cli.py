@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from meebs.cli import main
-from meebs.recipe.schema import keys_markdown
+from meebs.recipe.keys import keys_markdown
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = str(REPO / "recipes" / "demo.yaml")

@@ -7,6 +7,7 @@ real tools (hadolint, `docker compose config`).
 import fnmatch
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -187,6 +188,49 @@ def test_dockerignore_excludes_data_outputs_and_venv():
     patterns = {p.strip("/") for p in dockerignore_patterns()}
     assert {"data", "outputs", ".venv", ".git"} <= patterns
     assert any(p.endswith("*.safetensors") for p in patterns)
+
+
+def docker_pattern(pattern: str) -> re.Pattern[str]:
+    """A .dockerignore pattern as Docker matches it (moby's patternmatcher): from the
+    context root, `*` within one path segment, `**` across any number of them; a pattern
+    also excludes everything under a folder it matches."""
+    parts = []
+    for token in re.split(r"(\*\*/|\*\*|\*|\?)", pattern.strip("/")):
+        parts.append(
+            {"**/": "(?:.*/)?", "**": ".*", "*": "[^/]*", "?": "[^/]"}.get(token, re.escape(token))
+        )
+    return re.compile("".join(parts) + "(?:/.*)?")
+
+
+def dockerignored(path: str) -> bool:
+    """Whether `path` stays out of the build context: the last matching pattern decides,
+    and a `!pattern` brings a path back in."""
+    ignored = False
+    for pattern in dockerignore_patterns():
+        negate = pattern.startswith("!")
+        if docker_pattern(pattern.lstrip("!")).fullmatch(path):
+            ignored = not negate
+    return ignored
+
+
+def test_dockerignore_matches_like_docker():
+    assert dockerignored("data/x.png") and dockerignored("a/b/c.safetensors")
+    assert dockerignored(".venv/bin/python") and not dockerignored("meebs/cli.py")
+    assert not dockerignored("meebs/assets/tiny-trained/unet/diffusion_pytorch_model.safetensors")
+
+
+def test_every_file_the_dockerfile_copies_is_in_the_build_context():
+    """The files git tracks under each COPY source reach the image: e.g. the tiny-trained
+    weights (safetensors, excluded everywhere else) and the model pins."""
+    tracked = subprocess.run(
+        ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    for copy in instructions_named("COPY"):
+        for source in copy.split()[:-1]:
+            inside = [f for f in tracked if f == source or f.startswith(source.rstrip("/") + "/")]
+            assert inside, f"COPY {source}: nothing git tracks there"
+            left_out = [f for f in inside if dockerignored(f)]
+            assert not left_out, f"COPY {source}, but .dockerignore leaves out {left_out[:3]}"
 
 
 def test_dockerignore_keeps_what_the_dockerfile_copies():

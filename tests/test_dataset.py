@@ -10,18 +10,15 @@ import pytest
 import torch
 from PIL import Image
 
-from meebs.data.dataset import (
+from meebs.data.batches import count_batches, plan_batches, process_caption
+from meebs.data.folders import (
     ImageItem,
-    background_for,
     balanced_reg_samples,
-    count_batches,
     epoch_samples,
-    load_image,
     parse_subset_name,
-    plan_batches,
-    process_caption,
     scan_dataset,
 )
+from meebs.data.images import background_for, load_image
 from meebs.errors import DataError
 
 RESOLUTION = (16, 16)

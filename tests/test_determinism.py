@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from meebs.errors import MeebsError
-from meebs.recipe.schema import load_recipe
+from meebs.recipe.loading import load_recipe
 from meebs.runs.manifest import hardware, hardware_class
 from meebs.training.determinism import (
     NondeterminismWatch,

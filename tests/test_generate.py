@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from meebs.cli import main
 from meebs.errors import MeebsError
-from meebs.models.base import build_tiny
+from meebs.models.builtin_models import build_tiny
 from meebs.use.generate import Request, generate
 from meebs.use.prompt_tags import parse_prompt, weight_warnings
 

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from meebs.cli import main
 from meebs.errors import MeebsError
-from meebs.models.base import build_tiny
+from meebs.models.builtin_models import build_tiny
 from meebs.network.build import NetworkSpec, build_network, count_modules, save_network
 from meebs.use.inspect import describe
 

@@ -15,9 +15,11 @@ import pytest
 
 from meebs.cli import main
 from meebs.errors import MeebsError
-from meebs.interop.kohya_config import export_kohya, import_kohya
+from meebs.interop.kohya_export import export_kohya
+from meebs.interop.kohya_import import import_kohya
 from meebs.models.fetch import read_pins
-from meebs.recipe.schema import Recipe, load_recipe
+from meebs.recipe.loading import load_recipe
+from meebs.recipe.schema import Recipe
 
 CONFIGS = Path(__file__).resolve().parent / "kohya_configs"
 FIXTURES = sorted(CONFIGS.glob("*.json"))

@@ -11,7 +11,7 @@ from rich.console import Console
 
 from meebs.data import latents as latent_io
 from meebs.files.safetensors_io import file_sha256
-from meebs.recipe.schema import load_recipe
+from meebs.recipe.loading import load_recipe
 from meebs.training.train import train
 
 pytestmark = pytest.mark.slow  # trains, or starts processes: `make test-fast` skips it

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from meebs.models.base import load_base_model
+from meebs.models.loading import load_base_model
 from meebs.tiny.meeb_scorer import MeebScorer, evaluate_scorers, vae_round_trip
 from meebs.tiny.pretrain_data import VAE_KINDS, draw_many, to_tensor
 from meebs.tiny.verdict import load_scorers

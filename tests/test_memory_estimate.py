@@ -7,11 +7,12 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from meebs.data.dataset import epoch_samples
+from meebs.data.folders import epoch_samples
 from meebs.plan.memory import estimate_memory
 from meebs.plan.steps import scan_data
-from meebs.recipe.schema import load_recipe
-from meebs.training.train import StopFlag, prepare
+from meebs.recipe.loading import load_recipe
+from meebs.training.stop import StopFlag
+from meebs.training.train import prepare
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -57,7 +58,7 @@ def test_latent_cache_size_is_what_the_trainer_holds(tmp_path: Path) -> None:
         [f"output.dir={tmp_path}", "validation.enabled=false", "data.flip_aug=true"],
     )
     loop = prepare(recipe, Console(quiet=True))
-    loop._cache_latents(epoch_samples(loop.scan), Console(quiet=True), StopFlag())
+    loop.data.cache_latents(epoch_samples(loop.scan), Console(quiet=True), StopFlag())
     held = sum(t.numel() * t.element_size() for t in loop.latent_cache.latents.values())
     estimate = estimate_memory(recipe, loop.scan)
     assert estimate.latent_cache_bytes == held > 0

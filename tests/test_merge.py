@@ -19,16 +19,11 @@ from safetensors.torch import load_file, save_file
 from meebs.cli import main
 from meebs.errors import MeebsError
 from meebs.interop.ldm_export import ldm_state_dict, save_ldm_file
-from meebs.models.base import (
-    TINY_CONFIGS,
-    BaseModel,
-    build_sd15_random,
-    build_tiny,
-    load_base_model,
-    parts_from_ldm,
-    sha256_file,
-)
+from meebs.models.base import TINY_CONFIGS, BaseModel, sha256_file
+from meebs.models.builtin_models import build_sd15_random, build_tiny
+from meebs.models.loading import load_base_model
 from meebs.models.sampling import SamplePrompt, generate_samples
+from meebs.models.single_file import parts_from_ldm
 from meebs.network.build import NetworkSpec, build_network, load_network_file, save_network
 from meebs.use.merge import merge, merge_into, parse_network_arg, pin_path, read_network
 

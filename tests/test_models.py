@@ -20,19 +20,20 @@ from safetensors.torch import load_file, save_file
 
 from meebs.errors import ModelError
 from meebs.interop.ldm_export import ldm_state_dict
-from meebs.models import base as models
+from meebs.models import builtin_models, single_file
 from meebs.models.base import (
     SD15_CONFIGS,
     TINY_CONFIGS,
     BaseModel,
-    build_tiny,
     describe_base,
-    load_base_model,
     noise_scheduler,
     sha256_file,
+    state_dict_sha256,
 )
+from meebs.models.builtin_models import build_tiny
+from meebs.models.loading import load_base_model
 
-SD1_TO_K = models.CROSS_ATTENTION_KEY
+SD1_TO_K = single_file.CROSS_ATTENTION_KEY
 SD1_TEXT_KEY = "cond_stage_model.transformer.text_model.final_layer_norm.weight"
 SD1_VAE_KEY = "first_stage_model.encoder.conv_in.weight"
 
@@ -85,10 +86,10 @@ def test_tiny_is_deterministic_and_hashed_by_its_weights(tiny: BaseModel) -> Non
     assert build_tiny(0).sha256 == tiny.sha256
     other = build_tiny(1)
     assert other.sha256 != tiny.sha256
-    before = models.state_dict_sha256({"unet": other.unet})
+    before = state_dict_sha256({"unet": other.unet})
     with torch.no_grad():
         other.unet.conv_in.bias[0] += 1
-    assert models.state_dict_sha256({"unet": other.unet}) != before
+    assert state_dict_sha256({"unet": other.unet}) != before
 
 
 def test_build_tiny_leaves_the_callers_rng_alone() -> None:
@@ -155,9 +156,9 @@ def test_shipped_sd15_configs_match_reference() -> None:
 
 
 def test_sd15_random_hash_depends_on_the_seed_without_building() -> None:
-    first = models._recipe_sha256("sd15-random", 0, SD15_CONFIGS)
-    assert first == models._recipe_sha256("sd15-random", 0, SD15_CONFIGS)
-    assert first != models._recipe_sha256("sd15-random", 1, SD15_CONFIGS)
+    first = builtin_models._recipe_sha256("sd15-random", 0, SD15_CONFIGS)
+    assert first == builtin_models._recipe_sha256("sd15-random", 0, SD15_CONFIGS)
+    assert first != builtin_models._recipe_sha256("sd15-random", 1, SD15_CONFIGS)
 
 
 def test_describe_base_is_one_line(tiny: BaseModel) -> None:
@@ -204,8 +205,8 @@ def test_pin_mismatch_fails_before_reading_weights(
     def must_not_run(*args: object) -> None:
         raise AssertionError("read the checkpoint before checking the pin")
 
-    monkeypatch.setattr(models, "_safetensors_shapes", must_not_run)
-    monkeypatch.setattr(models, "_read_safetensors", must_not_run)
+    monkeypatch.setattr(single_file, "_safetensors_shapes", must_not_run)
+    monkeypatch.setattr(single_file, "_read_safetensors", must_not_run)
     pin = "ab" * 32
     message = f"model.safetensors has sha256 {sha256_file(file)}, the recipe pins {pin}"
     with pytest.raises(ModelError, match=message):
@@ -231,7 +232,7 @@ def _sd1_header(**overrides: torch.Tensor | None) -> dict[str, torch.Tensor]:
         SD1_TO_K: torch.zeros(320, 768, dtype=torch.float16),
         SD1_TEXT_KEY: torch.zeros(768, dtype=torch.float16),
         SD1_VAE_KEY: torch.zeros(128, 3, 3, 3, dtype=torch.float16),
-        models.CONV_IN_KEY: torch.zeros(320, 4, 3, 3, dtype=torch.float16),
+        single_file.CONV_IN_KEY: torch.zeros(320, 4, 3, 3, dtype=torch.float16),
     }
     keys.update(overrides)
     return {key: value for key, value in keys.items() if value is not None}
@@ -247,7 +248,7 @@ def _sd1_header(**overrides: torch.Tensor | None) -> dict[str, torch.Tensor]:
         ({"cond_stage_model.model.ln_final.weight": torch.zeros(2)}, "is an SD 2.x checkpoint"),
         ({SD1_TO_K: torch.zeros(320, 1024, dtype=torch.float16)}, "is an SD 2.x checkpoint"),
         (
-            {models.CONV_IN_KEY: torch.zeros(320, 9, 3, 3, dtype=torch.float16)},
+            {single_file.CONV_IN_KEY: torch.zeros(320, 9, 3, 3, dtype=torch.float16)},
             "inpainting or edit model",
         ),
         ({SD1_VAE_KEY: None}, r"has no VAE weights \(first_stage_model\.\*\)"),
@@ -296,12 +297,12 @@ def tiny_single_file(
     Single files carry no config: the loader builds SD 1.5 from meebs/configs/sd15. Here
     it builds the tiny shapes instead, and accepts the tiny 32-wide cross-attention.
     """
-    monkeypatch.setattr(models, "SD15_CONFIGS", TINY_CONFIGS)
-    monkeypatch.setattr(models, "SD1_CONTEXT_WIDTH", tiny.unet.config.cross_attention_dim)
+    monkeypatch.setattr(single_file, "SD15_CONFIGS", TINY_CONFIGS)
+    monkeypatch.setattr(single_file, "SD1_CONTEXT_WIDTH", tiny.unet.config.cross_attention_dim)
     state = {key: value.contiguous() for key, value in ldm_state_dict(tiny).items()}
     # Extras real checkpoints carry: the EMA copy and the text position ids buffer.
     state["model_ema.decay"] = torch.tensor(0.9999)
-    state[models.TEXT_PREFIX + "text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    state[single_file.TEXT_PREFIX + "text_model.embeddings.position_ids"] = torch.arange(77)[None]
     file = tmp_path / "meeb-base.safetensors"
     save_file(state, file)
     return file, state
@@ -344,11 +345,11 @@ def test_single_file_loading_is_strict(
     _, state = tiny_single_file
     state = dict(state)
     if change == "drop_unet":
-        del state[models.UNET_PREFIX + "out.2.bias"]
+        del state[single_file.UNET_PREFIX + "out.2.bias"]
     elif change == "extra_text":
-        state[models.TEXT_PREFIX + "text_model.extra.weight"] = torch.zeros(1)
+        state[single_file.TEXT_PREFIX + "text_model.extra.weight"] = torch.zeros(1)
     else:
-        state[models.VAE_PREFIX + "encoder.conv_in.bias"] = torch.zeros(3)
+        state[single_file.VAE_PREFIX + "encoder.conv_in.bias"] = torch.zeros(3)
     file = tmp_path / "broken.safetensors"
     save_file(state, file)
     with pytest.raises(ModelError, match=message):

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from meebs.cli import main
 from meebs.errors import TrainingDiverged
-from meebs.models.base import build_tiny
+from meebs.models.builtin_models import build_tiny
 from meebs.network.build import NetworkSpec, build_network, save_network
 
 pytestmark = pytest.mark.slow  # trains, or starts processes: `make test-fast` skips it

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from meebs.network.optim import build_lr_scheduler, build_optimizer
-from meebs.recipe.schema import load_recipe
+from meebs.recipe.loading import load_recipe
 
 DEMO = Path(__file__).resolve().parent.parent / "recipes" / "demo.yaml"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from meebs.plan.steps import epoch_file_names, make_plan, scan_data
-from meebs.recipe.schema import load_recipe
+from meebs.recipe.loading import load_recipe
 
 DEMO = Path(__file__).resolve().parent.parent / "recipes" / "demo.yaml"
 

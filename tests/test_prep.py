@@ -15,7 +15,7 @@ from PIL import Image
 from test_prep_check import SUBSET, add_image, clean_dataset, drawing
 
 from meebs.cli import main
-from meebs.data.dataset import scan_dataset
+from meebs.data.folders import scan_dataset
 from meebs.data.image_survey import survey_image
 from meebs.data.prep import prepare
 from meebs.data.prep_options import PrepOptions

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from meebs.models import base as models
-from meebs.models.base import load_base_model
+from meebs.models.builtin_models import TINY_TRAINED_SHA256
+from meebs.models.loading import load_base_model
 from meebs.tiny.pretrain_record import ASSET_DIR, CARD_NAME, RECORD_NAME, compare_with, file_hashes
 from meebs.tiny.pretrain_tiny import PretrainConfig, main, pretrain
 
@@ -84,7 +84,7 @@ def test_unknown_setting_is_one_line(capsys):
 def test_committed_tiny_trained_matches_its_record_and_pin():
     record = json.loads((ASSET_DIR / RECORD_NAME).read_text())
     assert file_hashes(ASSET_DIR) == record["files"]
-    assert record["folder_sha256"] == models.TINY_TRAINED_SHA256
+    assert record["folder_sha256"] == TINY_TRAINED_SHA256
     model = load_base_model(builtin="tiny-trained", path=None, sha256=None, allow_pickle=False)
     assert model.source == "builtin:tiny-trained" and model.sha256 == record["folder_sha256"]
     weights = sum(path.stat().st_size for path in ASSET_DIR.rglob("*.safetensors"))

@@ -41,7 +41,10 @@ def train_run(out: Path, processes: int, batch: int, *extra: str) -> Path:
         launch += ["--num_processes", "1"]
     launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     overrides = [*COMMON, f"output.dir={out}", f"train.batch_size={batch}", *extra]
-    command = [*launch, "entrypoint.py", "train", "recipes/demo.yaml", *overrides]
+    # several processes run `python -m meebs`, as `train --gpus N` launches them; one runs
+    # entrypoint.py, as the container does
+    script = ["--module", "meebs"] if processes > 1 else ["entrypoint.py"]
+    command = [*launch, *script, "train", "recipes/demo.yaml", *overrides]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     (run_dir,) = (out / "meebs_demo").iterdir()
@@ -125,4 +128,4 @@ def test_launch_hands_the_same_train_arguments_to_accelerate() -> None:
     command = launch_command(4, args)
     assert command[1:3] == ["-m", "accelerate.commands.launch"]
     assert command[command.index("--num_processes") + 1] == "4" and "--multi_gpu" in command
-    assert command[-3:] == ["train", "recipes/1.3.yaml", "train.epochs=2"]
+    assert command[-5:] == ["--module", "meebs", "train", "recipes/1.3.yaml", "train.epochs=2"]

@@ -7,7 +7,9 @@ import pytest
 import yaml
 
 from meebs.errors import RecipeError
-from meebs.recipe.schema import Recipe, documented_keys, load_recipe
+from meebs.recipe.keys import documented_keys
+from meebs.recipe.loading import load_recipe
+from meebs.recipe.schema import Recipe
 
 REPO = Path(__file__).resolve().parent.parent
 MINIMAL = """\

@@ -14,7 +14,7 @@ import pytest
 from meebs.models.fetch import read_pins
 from meebs.plan.sizes import plan_file_sizes
 from meebs.plan.steps import make_plan, scan_data
-from meebs.recipe.schema import load_recipe
+from meebs.recipe.loading import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 VERSIONS = ("1.0", "1.1", "1.3")

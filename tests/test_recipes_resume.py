@@ -24,7 +24,8 @@ from safetensors import safe_open
 
 from meebs.cli import main
 from meebs.plan.steps import make_plan, scan_data
-from meebs.recipe.schema import TrainSection, load_recipe
+from meebs.recipe.loading import load_recipe
+from meebs.recipe.schema import TrainSection
 
 pytestmark = pytest.mark.slow  # trains, or starts processes: `make test-fast` skips it
 

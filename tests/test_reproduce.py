@@ -20,7 +20,7 @@ from engine_runs import SHORT_RUN, interrupt_at, snapshot
 from PIL import Image
 
 from meebs.cli import main
-from meebs.recipe.schema import load_recipe
+from meebs.recipe.loading import load_recipe
 from meebs.repro.reproduce import machine_class
 
 pytestmark = pytest.mark.slow  # trains, or starts processes: `make test-fast` skips it

@@ -22,7 +22,7 @@ from diffusers import (
 from transformers import CLIPTextModel
 
 from meebs.errors import RecipeError
-from meebs.models.base import build_tiny
+from meebs.models.builtin_models import build_tiny
 from meebs.models.sampling import (
     SAMPLERS,
     SamplePrompt,

@@ -17,7 +17,7 @@ import torch
 from rich.console import Console
 
 from meebs.errors import RecipeError
-from meebs.models.base import build_tiny
+from meebs.models.builtin_models import build_tiny
 from meebs.network.build import build_network, save_network
 from meebs.plan.metadata import build_metadata, network_spec
 from meebs.plan.report import print_plan
@@ -30,7 +30,8 @@ from meebs.plan.sizes import (
     safetensors_size,
 )
 from meebs.plan.steps import make_plan, scan_data
-from meebs.recipe.schema import Recipe, load_recipe, recipe_from_dict
+from meebs.recipe.loading import load_recipe, recipe_from_dict
+from meebs.recipe.schema import Recipe
 from meebs.training.train import prepare
 
 ROOT = Path(__file__).resolve().parent.parent

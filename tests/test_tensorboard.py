@@ -25,7 +25,7 @@ import pytest
 from rich.console import Console
 
 from meebs import cli
-from meebs.recipe.schema import load_recipe
+from meebs.recipe.loading import load_recipe
 from meebs.training.train import train
 from meebs.use import tensorboard as tb
 

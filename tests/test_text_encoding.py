@@ -3,7 +3,7 @@
 import torch
 from transformers import CLIPTextModel
 
-from meebs.models.base import build_tiny
+from meebs.models.builtin_models import build_tiny
 from meebs.models.text_encoding import encode, tokenize
 from meebs.models.tokenizer import clip_tokenizer
 

@@ -15,14 +15,14 @@ from safetensors import safe_open
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from meebs.data import latents as latent_io
-from meebs.data.dataset import load_image
+from meebs.data.images import load_image
 from meebs.files.safetensors_io import file_sha256
-from meebs.models.base import build_tiny
+from meebs.models.builtin_models import build_tiny
 from meebs.network.build import build_network, load_network_weights
 from meebs.plan.metadata import network_spec
 from meebs.plan.sizes import plan_file_sizes
 from meebs.plan.steps import make_plan, scan_data
-from meebs.recipe.schema import load_recipe
+from meebs.recipe.loading import load_recipe
 from meebs.training.train import train
 
 pytestmark = pytest.mark.slow  # trains, or starts processes: `make test-fast` skips it

@@ -15,12 +15,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from meebs.data.dataset import ImageItem
+from meebs.data.folders import ImageItem
 from meebs.errors import MeebsError
 from meebs.plan.report import print_plan
 from meebs.plan.steps import make_plan, scan_data
-from meebs.recipe.schema import load_recipe
-from meebs.training import train as train_module
+from meebs.recipe.loading import load_recipe
+from meebs.training import loop as loop_module
 from meebs.training import validation
 from meebs.training.train import prepare, train
 from meebs.training.validation import Validator, spread_timesteps
@@ -82,7 +82,7 @@ def test_bad_inputs_fail_with_one_line(tmp_path):
 def test_untrained_network_has_zero_drift_and_scores_are_repeatable(tmp_path):
     loop = prepare(recipe(tmp_path), Console(quiet=True))
     validator = Validator(loop, Console(quiet=True))
-    streams = (torch.get_rng_state(), loop.vae_gen.get_state(), loop.data_rng.getstate())
+    streams = (torch.get_rng_state(), loop.vae_gen.get_state(), loop.data.rng.getstate())
     first = validator.evaluate(0, 0)
     assert first.class_drift == 0.0 and set(first.class_drift_bands.values()) == {0.0}
     with torch.no_grad():  # a trained-looking network: every parameter moved
@@ -92,7 +92,7 @@ def test_untrained_network_has_zero_drift_and_scores_are_repeatable(tmp_path):
     assert second.subject_loss != first.subject_loss and second.class_drift != 0.0
     assert (second.subject_loss, second.class_drift) == (third.subject_loss, third.class_drift)
     assert second.subject_bands == third.subject_bands
-    after = (torch.get_rng_state(), loop.vae_gen.get_state(), loop.data_rng.getstate())
+    after = (torch.get_rng_state(), loop.vae_gen.get_state(), loop.data.rng.getstate())
     assert torch.equal(streams[0], after[0]) and torch.equal(streams[1], after[1])
     assert streams[2] == after[2] and loop.network.training
 
@@ -110,14 +110,14 @@ def image_paths(value) -> list[Path]:
 def trained_paths():
     """The paths of the images in every batch the loop actually trains on."""
     seen: list[Path] = []
-    original = train_module.Loop._micro_step
+    original = loop_module.Loop._micro_step
 
     def spy(self, *args, **kwargs):
         seen.extend(image_paths(args))
         return original(self, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train_module.Loop, "_micro_step", spy)
+        patch.setattr(loop_module.Loop, "_micro_step", spy)
         yield seen
 
 
@@ -198,13 +198,13 @@ def test_images_share_forwards_without_changing_a_score(tmp_path, monkeypatch):
         for p in loop.network.parameters():
             p.add_(0.05)
     forwards: list[int] = []
-    original = loop._denoising_losses
+    original = loop.math.denoising_losses
 
     def counting(latents, *args):
         forwards.append(len(latents))
         return original(latents, *args)
 
-    monkeypatch.setattr(loop, "_denoising_losses", counting)
+    monkeypatch.setattr(loop.math, "denoising_losses", counting)
     validator.evaluate(0, 0)  # the base model's class losses, computed once
     forwards.clear()
     batched = validator.evaluate(1, 1)

@@ -19,7 +19,7 @@ from PIL import Image
 from rich.console import Console
 
 from meebs.errors import MeebsError
-from meebs.recipe.schema import load_recipe
+from meebs.recipe.loading import load_recipe
 from meebs.tiny.verdict import GRID_NAME, GRID_SEEDS, RESULT_NAME, latest_run, make_verdict
 from meebs.training.train import train
 

@@ -20,10 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from meebs.data.dataset import (  # one definition of "a broken image"
-    IMAGE_ERRORS,
-    image_error_reason,
-)
+from meebs.data.images import IMAGE_ERRORS, image_error_reason  # one definition of "a broken image"
 from meebs.errors import DataError
 
 HASH_SIDE = 32

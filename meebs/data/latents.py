@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch.utils.data import DataLoader, Dataset
 
-from meebs.data.dataset import load_image
+from meebs.data.images import load_image
 from meebs.errors import MeebsError
 from meebs.files.hash_cache import cache_file
 from meebs.files.safetensors_io import save_file_atomic

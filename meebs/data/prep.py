@@ -25,15 +25,10 @@ from pathlib import Path
 
 from PIL import Image
 
-from meebs.data.dataset import (
-    BACKGROUNDS,
-    IMAGE_EXTENSIONS,
-    background_for,
-    flatten_to_rgb,
-    parse_subset_name,
-)
 from meebs.data.drop_list import read_drop_list
+from meebs.data.folders import IMAGE_EXTENSIONS, parse_subset_name
 from meebs.data.image_survey import find_similar, survey_image
+from meebs.data.images import BACKGROUNDS, background_for, flatten_to_rgb
 from meebs.data.prep_options import Decision, PrepOptions
 from meebs.data.prep_record import write_record
 from meebs.errors import DataError
@@ -46,7 +41,7 @@ CAPTION_SUFFIX = ".txt"
 
 def list_subsets(root: Path) -> list[tuple[Path, list[Path]]]:
     """Each subfolder of `root` with its image files, both sorted by name, hidden ones
-    skipped (the order `meebs.data.dataset` reads them in)."""
+    skipped (the order `meebs.data.folders` reads them in)."""
     if not root.is_dir():
         raise DataError(f"dataset folder {root} does not exist or is not a folder")
     folders = [entry for entry in _visible(root) if entry.is_dir()]

@@ -16,7 +16,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from meebs.data.dataset import parse_subset_name
+from meebs.data.folders import parse_subset_name
 from meebs.data.image_survey import ImageFacts, find_similar, survey_image
 from meebs.data.prep import CAPTION_SUFFIX, list_subsets
 from meebs.errors import DataError

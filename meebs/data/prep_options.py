@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from meebs.data.dataset import parse_subset_name
+from meebs.data.folders import parse_subset_name
 from meebs.data.image_survey import ImageFacts
 from meebs.errors import DataError
 

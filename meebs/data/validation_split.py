@@ -15,7 +15,7 @@ import random
 from dataclasses import replace
 from pathlib import Path
 
-from meebs.data.dataset import DatasetScan, ImageItem, Subset, scan_dataset
+from meebs.data.folders import DatasetScan, ImageItem, Subset, scan_dataset
 from meebs.errors import DataError, RecipeError
 from meebs.files.hash_cache import cached_sha256
 from meebs.recipe.schema import Recipe

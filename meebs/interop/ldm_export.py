@@ -2,10 +2,10 @@
 
 AUTOMATIC1111 and ComfyUI load a base model mainly as a single `.safetensors` file from
 their checkpoints folder, with `model.diffusion_model.…`, `first_stage_model.…` and
-`cond_stage_model.transformer.text_model.…` keys: the layout `meebs.models.base` reads.
+`cond_stage_model.transformer.text_model.…` keys: the layout `meebs.models.single_file` reads.
 
 diffusers 0.42 ships the reverse conversion only as a script outside the wheel;
-importable are just its forward converters (used by `meebs.models.base.parts_from_ldm`) and
+importable are just its forward converters (used by `meebs.models.single_file.parts_from_ldm`) and
 the renames of the top-level layers (`DIFFUSERS_TO_LDM_MAPPING`). So the block renames
 are derived here from the UNet and VAE configs, and every export is checked against the
 forward converters: the LDM dict we built is converted back and each diffusers key must
@@ -35,7 +35,8 @@ from torch import Tensor
 
 from meebs.errors import MeebsError
 from meebs.files.safetensors_io import save_file_atomic
-from meebs.models.base import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, BaseModel, sha256_file
+from meebs.models.base import BaseModel, sha256_file
+from meebs.models.single_file import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
 
 # Inside a block the LDM and diffusers names differ only for these layers.
 _UNET_RESNET = {

@@ -1,11 +1,12 @@
 """Downloading a pinned base model: the only step of sd-meebs that uses the network.
 
-`models.lock.yaml` (repo root) names each base model: the Hugging Face repo, the revision,
-the file, its size and its sha256. `fetch_model("sd15", Path("models"))` downloads that file
-with huggingface_hub (progress bar; it retries and resumes a connection that breaks off),
-then checks size and sha256. A file that does not match its pin is deleted, so what is left
-in the destination folder is always a verified file; one that is already there and
-verified is not downloaded again (its hash comes from `meebs.files.hash_cache`).
+`meebs/configs/models.lock.yaml` (shipped with the package) names each base model: the
+Hugging Face repo, the revision, the file, its size and its sha256. `fetch_model("sd15",
+Path("models"))` downloads that file with huggingface_hub (progress bar; it retries and
+resumes a connection that breaks off), then checks size and sha256. A file that does not
+match its pin is deleted, so what is left in the destination folder is always a verified
+file; one that is already there and verified is not downloaded again (its hash comes from
+`meebs.files.hash_cache`).
 
 `HF_ENDPOINT` picks a mirror, read when `fetch_model` is called. The rest of sd-meebs runs
 with `HF_HUB_OFFLINE=1` (see `meebs.models.quiet`); offline mode is lifted for this
@@ -28,7 +29,7 @@ from meebs.errors import ModelError
 from meebs.files.hash_cache import cached_sha256
 from meebs.files.text_files import load_yaml, read_text
 
-PINS_FILE = Path(__file__).resolve().parents[2] / "models.lock.yaml"
+PINS_FILE = Path(__file__).resolve().parents[1] / "configs" / "models.lock.yaml"
 LOCAL_FILES_KEY = "local_files"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _PIN_KEYS = ("repo", "revision", "file", "size", "sha256")

@@ -37,9 +37,9 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from PIL import Image
 
 from meebs.errors import RecipeError
-from meebs.recipe.schema import Recipe
-from meebs.models.text_encoding import encode, tokenize
 from meebs.files.text_files import read_text
+from meebs.models.text_encoding import encode, tokenize
+from meebs.recipe.schema import Recipe
 
 if TYPE_CHECKING:
     from meebs.models.base import BaseModel

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from meebs.data.dataset import DatasetScan
+from meebs.data.folders import DatasetScan
 from meebs.data.latents import latent_shape
 from meebs.plan.sizes import EmptyModel, empty_model
 from meebs.plan.steps import bucket_assigner
@@ -26,7 +26,7 @@ from meebs.recipe.schema import Recipe
 GIB = 2**30
 # Activations of one training step, in GiB, per sample and latent pixel (slope) and fixed
 # (intercept); SD 1.5 on an H200 (torch 2.11, CUDA 13, SDPA, fp16 autocast), fitted to
-# batch 2 at 256 and 512 px (ci/gpu_bench.sh, README "Running faster").
+# batch 2 at 256 and 512 px (ci/gpu_bench.sh, docs/performance.md "Measured").
 ACTIVATIONS = {False: (2.87e-4, 0.189), True: (2.39e-5, 0.967)}  # gradient checkpointing?
 # Bytes of optimizer state per trained parameter.
 OPTIMIZER_STATE = {"AdamW": 8, "AdamW8bit": 2, "Prodigy": 16}

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from meebs import __version__
-from meebs.data.dataset import DatasetScan
+from meebs.data.folders import DatasetScan
 from meebs.network.build import LycorisNetworkKohya, NetworkSpec, build_network
 from meebs.plan.steps import Plan
 from meebs.recipe.schema import Recipe

@@ -10,7 +10,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from meebs.data.dataset import DatasetScan
+from meebs.data.folders import DatasetScan
 from meebs.plan.memory import estimate_memory
 from meebs.plan.sizes import describe_sizes, empty_model, plan_file_sizes
 from meebs.plan.steps import Plan

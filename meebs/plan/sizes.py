@@ -30,10 +30,11 @@ from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from meebs.data.dataset import DatasetScan
+from meebs.data.folders import DatasetScan
 from meebs.errors import RecipeError
 from meebs.files.safetensors_io import canonical_header
-from meebs.models.base import SD15_CONFIGS, TINY_CONFIGS, TINY_TRAINED
+from meebs.models.base import SD15_CONFIGS, TINY_CONFIGS
+from meebs.models.builtin_models import TINY_TRAINED
 from meebs.models.machine import make_accelerator, set_attention
 from meebs.network.optim import build_optimizer
 from meebs.plan.metadata import RECOMMENDED_EPOCH_KEY, RunFacts, build_metadata, recipe_network
@@ -180,7 +181,7 @@ def _config_dir(recipe: Recipe, part: str = "unet") -> Path:
     """Where the configs of the base model the recipe trains on are.
 
     A diffusers folder brings its own configs; a single file is always read as SD 1.5
-    (`meebs.models.base`), and so is a path that does not exist yet: `plan` works before
+    (`meebs.models.single_file`), and so is a path that does not exist yet: `plan` works before
     `fetch-model` has run.
     """
     model = recipe.model

@@ -15,8 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from meebs.data.batches import count_batches
 from meebs.data.buckets import bucket_for, make_buckets
-from meebs.data.dataset import DatasetScan, ImageItem, count_batches, epoch_samples, scan_dataset
+from meebs.data.folders import DatasetScan, ImageItem, epoch_samples, scan_dataset
 from meebs.data.validation_split import split_scan
 from meebs.recipe.schema import Recipe
 

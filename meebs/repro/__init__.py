@@ -1,2 +1,1 @@
-"""`reproduce` and `record`: rerun a run from its manifest and say what reproduced.
-"""
+"""`reproduce` and `record`: rerun a run from its manifest and say what reproduced."""

@@ -28,7 +28,9 @@ from rich.table import Column, Table
 
 from meebs.errors import MeebsError
 from meebs.files.atomic_write import make_folder, write_text_atomic
-from meebs.recipe.schema import Recipe, load_recipe, recipe_differences, recipe_from_dict
+from meebs.recipe.keys import recipe_differences
+from meebs.recipe.loading import load_recipe, recipe_from_dict
+from meebs.recipe.schema import Recipe
 from meebs.runs.compare import (
     FileComparison,
     compare_files,

@@ -19,7 +19,8 @@ from safetensors import SafetensorError, safe_open
 
 from meebs.errors import MeebsError
 from meebs.files.hash_cache import hash_file
-from meebs.recipe.schema import recipe_differences, recipe_from_dict
+from meebs.recipe.keys import recipe_differences
+from meebs.recipe.loading import recipe_from_dict
 
 # --------------------------------------------------------------------------- inputs
 

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from meebs import __version__
-from meebs.data.dataset import DatasetScan
+from meebs.data.folders import DatasetScan
 from meebs.errors import MeebsError
 from meebs.files.atomic_write import write_text_atomic
 from meebs.files.hash_cache import cached_sha256

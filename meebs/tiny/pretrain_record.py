@@ -73,7 +73,7 @@ def file_hashes(folder: Path) -> dict[str, str]:
 
 def folder_sha256_of(folder: Path) -> str:
     """The sha256 a recipe pins for this folder (loading it also proves it loads)."""
-    from meebs.models.base import load_base_model
+    from meebs.models.loading import load_base_model
 
     return load_base_model(builtin=None, path=folder, sha256=None, allow_pickle=False).sha256
 

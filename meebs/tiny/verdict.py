@@ -32,7 +32,8 @@ from meebs.files.png import write_png
 from meebs.models.base import BaseModel
 from meebs.models.sampling import draw_batch, recipe_prompts
 from meebs.network.apply import apply_network, remove_network
-from meebs.recipe.schema import Recipe, load_recipe
+from meebs.recipe.loading import load_recipe
+from meebs.recipe.schema import Recipe
 from meebs.tiny.meeb_scorer import MeebScorer
 from meebs.training.validation import RESULT_NAME as VALIDATION_RESULT
 from meebs.use.generate import load_recorded_base

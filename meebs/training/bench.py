@@ -86,7 +86,7 @@ def case_overrides(case: str, data_dir: Path, out_dir: Path) -> tuple[str, list[
 def run_trainer(recipe_path: str, overrides: list[str]) -> dict[str, float]:
     from rich.console import Console
 
-    from meebs.recipe.schema import load_recipe
+    from meebs.recipe.loading import load_recipe
     from meebs.training.train import train
 
     result = train(load_recipe(recipe_path, overrides), Console(quiet=True))
@@ -106,14 +106,14 @@ def run_floor(recipe_path: str, overrides: list[str], steps: int) -> dict[str, f
     import torch.nn.functional as F
 
     from meebs.data.latents import latent_shape
-    from meebs.models.base import load_base_model
+    from meebs.models.loading import load_base_model
     from meebs.models.machine import make_accelerator, place_models
     from meebs.models.text_encoding import encode, tokenize
     from meebs.network.build import build_network
     from meebs.network.loha_layer import use_layer_path
     from meebs.network.optim import build_optimizer, param_groups
     from meebs.plan.metadata import network_spec
-    from meebs.recipe.schema import load_recipe
+    from meebs.recipe.loading import load_recipe
     from meebs.training.determinism import apply_determinism
     from meebs.training.perf import PerfMeter
 

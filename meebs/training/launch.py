@@ -7,18 +7,15 @@ process is replaced by accelerate's launcher running the same train command.
 
 Several machines: use accelerate's own configuration (`accelerate config`, or a YAML
 with num_machines, machine_rank, main_process_ip and main_process_port) and run
-`accelerate launch --config_file cluster.yaml entrypoint.py train RECIPE` on each.
+`accelerate launch --config_file cluster.yaml --module meebs train RECIPE` on each.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 from meebs.errors import MeebsError
-
-ENTRYPOINT = Path(__file__).resolve().parents[2] / "entrypoint.py"
 
 
 def check_gpus(requested: int, available: int) -> None:
@@ -33,11 +30,12 @@ def check_gpus(requested: int, available: int) -> None:
 
 
 def launch_command(processes: int, train_args: list[str]) -> list[str]:
-    """accelerate's launcher running `entrypoint.py train …` in `processes` processes."""
+    """accelerate's launcher running `python -m meebs train …` in `processes` processes
+    (the module, not entrypoint.py: an installed `meebs` has no entrypoint.py beside it)."""
     launcher = [sys.executable, "-m", "accelerate.commands.launch"]
     launcher += ["--multi_gpu", "--num_processes", str(processes), "--num_machines", "1"]
     launcher += ["--dynamo_backend", "no"]  # precision comes from the recipe, not here
-    return [*launcher, str(ENTRYPOINT), "train", *train_args]
+    return [*launcher, "--module", "meebs", "train", *train_args]
 
 
 def launch(processes: int, train_args: list[str]) -> None:

@@ -30,7 +30,9 @@ from rich.console import Console
 from rich.table import Table
 
 from meebs.data import latents as latent_io
-from meebs.data.dataset import ImageItem, background_for, process_caption
+from meebs.data.batches import process_caption
+from meebs.data.folders import ImageItem
+from meebs.data.images import background_for
 from meebs.files.hash_cache import cached_sha256
 
 BANDS = ("low", "mid", "high")
@@ -96,10 +98,10 @@ class Validator:
         self.variants = {}
         for image in images:
             # held-out images have no place in the training order; reg images keep theirs
-            background = loop.backgrounds.get(image.path) or background_for(
+            background = loop.data.backgrounds.get(image.path) or background_for(
                 self.subject.index(image), mode
             )
-            bucket = loop.assign_bucket(image)
+            bucket = loop.data.assign_bucket(image)
             self.variants[image.path] = latent_io.Variant(image.path, bucket, background, False)
         for _ in loop.latent_cache.fill(self.variants.values()):
             pass
@@ -132,9 +134,9 @@ class Validator:
         latents = loop.latent_cache.batch(variants).repeat_interleave(count, dim=0)
         noise = torch.cat([self.noise[image.path] for image in images]).to(device)
         captions = [self.captions[image.path] for image in images]
-        hidden = loop._encode_text(captions).repeat_interleave(count, dim=0)
+        hidden = loop.math.encode_text(captions).repeat_interleave(count, dim=0)
         timesteps = self.timesteps.to(device).repeat(len(images))
-        losses = loop._denoising_losses(latents.to(device), noise, timesteps, hidden)
+        losses = loop.math.denoising_losses(latents.to(device), noise, timesteps, hidden)
         return losses.cpu().view(len(images), count)
 
     def _forwards(self, images: list[ImageItem]) -> Iterator[list[ImageItem]]:

@@ -26,7 +26,8 @@ from rich.console import Console
 from meebs.errors import MeebsError
 from meebs.files.atomic_write import make_folder, write_atomic
 from meebs.files.safetensors_io import addnet_hash
-from meebs.models.base import BaseModel, load_base_model
+from meebs.models.base import BaseModel
+from meebs.models.loading import load_base_model
 from meebs.models.sampling import SamplePrompt, generate_samples, normalize_sampler
 from meebs.network.apply import apply_network, read_shapes
 from meebs.use.network_lookup import find_network

@@ -25,7 +25,8 @@ from meebs.files.png import write_png
 from meebs.models.base import BaseModel
 from meebs.models.sampling import SamplePrompt, generate_samples, recipe_prompts
 from meebs.network.apply import apply_network, read_shapes, remove_network, set_multipliers
-from meebs.recipe.schema import Recipe, load_recipe
+from meebs.recipe.loading import load_recipe
+from meebs.recipe.schema import Recipe
 from meebs.runs.folders import log_dir
 from meebs.use.generate import load_recorded_base
 

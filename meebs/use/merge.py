@@ -30,7 +30,9 @@ from meebs.errors import MeebsError
 from meebs.files.atomic_write import write_text_atomic
 from meebs.interop.diffusers_export import save_diffusers_folder
 from meebs.interop.ldm_export import save_ldm_file
-from meebs.models.base import PICKLE_SUFFIXES, BaseModel, load_base_model
+from meebs.models.base import BaseModel
+from meebs.models.loading import load_base_model
+from meebs.models.single_file import PICKLE_SUFFIXES
 from meebs.network.build import load_tensors
 from meebs.network.deltas import MARKERS, module_delta
 from meebs.network.kohya_names import kohya_layers, looks_like_sdxl

@@ -1,9 +1,10 @@
 """Training and regularization images in kohya's DreamBooth folder layout.
 
 A dataset folder holds one subfolder per subject, named `{repeats}_{tokens}` (for example
-`50_meeb person`). We follow kohya sd-scripts' meaning of that layout, its caption and
-regularization rules and its per-bucket batching, so step counts match kohya's, with three
-changes made on purpose for reproducibility and clear errors:
+`50_meeb person`). We follow kohya sd-scripts' meaning of that layout and its caption and
+regularization rules (which images one epoch trains on, how many times each; batching is
+meebs.data.batches), so step counts match kohya's, with three changes made on purpose for
+reproducibility and clear errors:
 
 - folders and files are read in sorted order (kohya uses filesystem order);
 - a folder kohya would skip silently (bad name, no images) stops the run with a message;
@@ -12,30 +13,22 @@ changes made on purpose for reproducibility and clear errors:
 
 from __future__ import annotations
 
-import math
-import random
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from meebs.data.images import IMAGE_ERRORS, has_transparency, image_error_reason
 from meebs.errors import DataError
 from meebs.files.text_files import read_text
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 """Image suffixes we read, compared case-insensitively (kohya's list without avif/jxl)."""
 
-BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0)}
-"""Solid colours a transparent image is flattened onto."""
-
 _SUBSET_NAME = re.compile(r"(?P<repeats>[0-9]+)_(?P<tokens>.*)", re.DOTALL)
 _NAME_HINT = "rename it like '50_meeb person' (repeats, '_', then the caption tokens)"
-# PIL reports broken files with any of these, depending on the format and the damage.
-IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
 
 @dataclass(frozen=True)
@@ -115,7 +108,7 @@ class DatasetScan:
         for subset in self.train + self.reg:
             counts = frequency.setdefault(subset.folder.name, {})
             for image in subset.images:
-                for tag in _split_tags(image.caption):
+                for tag in split_tags(image.caption):
                     counts[tag.lower()] = counts.get(tag.lower(), 0) + 1
         return frequency
 
@@ -124,7 +117,7 @@ def _dirs_info(subsets: tuple[Subset, ...]) -> dict[str, dict[str, int]]:
     return {s.folder.name: {"n_repeats": s.repeats, "img_count": len(s.images)} for s in subsets}
 
 
-def _split_tags(caption: str) -> list[str]:
+def split_tags(caption: str) -> list[str]:
     return [tag.strip() for tag in caption.split(",") if tag.strip()]
 
 
@@ -261,7 +254,7 @@ def _inspect_image(path: Path) -> tuple[tuple[int, int], bool]:
     corrupt file fails now, naming the file, instead of hours into training."""
     try:
         with Image.open(path) as image:
-            size, has_alpha = image.size, _has_alpha(image)
+            size, has_alpha = image.size, has_transparency(image)
             image.load()
     except IMAGE_ERRORS as error:
         raise DataError(
@@ -270,17 +263,7 @@ def _inspect_image(path: Path) -> tuple[tuple[int, int], bool]:
     return size, has_alpha
 
 
-def _has_alpha(image: Image.Image) -> bool:
-    return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
-
-
-def image_error_reason(error: Exception) -> str:
-    if isinstance(error, UnidentifiedImageError):
-        return "not an image format Pillow recognises (corrupt or mislabelled file)"
-    return " ".join(str(error).split()) or type(error).__name__
-
-
-# --- epochs and batches ---------------------------------------------------------------------
+# --- one epoch's samples: repeats and reg balance -------------------------------------------
 
 
 def balanced_reg_samples(scan: DatasetScan) -> list[ImageItem]:
@@ -331,118 +314,3 @@ def epoch_samples(scan: DatasetScan) -> list[ImageItem]:
         image for subset in scan.train for image in subset.images for _ in range(subset.repeats)
     ]
     return train + balanced_reg_samples(scan)
-
-
-def plan_batches(
-    samples: list[ImageItem],
-    bucket_of: Callable[[ImageItem], tuple[int, int]],
-    batch_size: int,
-    rng: random.Random,
-) -> list[list[ImageItem]]:
-    """Batches for one epoch: samples of one bucket per batch, shuffled with `rng`.
-
-    Like kohya, a batch never mixes buckets (tensors must share a size), so each bucket's
-    last batch may be short; the batch order is shuffled across buckets afterwards.
-    """
-    batches: list[list[ImageItem]] = []
-    for members in _group_by_bucket(samples, bucket_of):
-        rng.shuffle(members)
-        batches.extend(members[i : i + batch_size] for i in range(0, len(members), batch_size))
-    rng.shuffle(batches)
-    return batches
-
-
-def count_batches(
-    samples: list[ImageItem],
-    bucket_of: Callable[[ImageItem], tuple[int, int]],
-    batch_size: int,
-) -> int:
-    """Batches per epoch without building them: the sum over buckets of ceil(count/batch)."""
-    groups = _group_by_bucket(samples, bucket_of)
-    return sum(math.ceil(len(members) / batch_size) for members in groups)
-
-
-def _group_by_bucket(
-    samples: list[ImageItem], bucket_of: Callable[[ImageItem], tuple[int, int]]
-) -> list[list[ImageItem]]:
-    """Samples per bucket, buckets in sorted order, samples in their given order."""
-    groups: dict[tuple[int, int], list[ImageItem]] = {}
-    for sample in samples:
-        groups.setdefault(bucket_of(sample), []).append(sample)
-    return [groups[bucket] for bucket in sorted(groups)]
-
-
-# --- captions and pixels at train time ------------------------------------------------------
-
-
-def process_caption(
-    caption: str, *, shuffle: bool, keep_tokens: int, dropout_rate: float, rng: random.Random
-) -> str:
-    """The caption one sample trains with, following kohya's caption options.
-
-    With probability `dropout_rate` it is "" (trains the unconditional prompt). With
-    `shuffle`, the tags after the first `keep_tokens` are shuffled and everything is joined
-    with ", "; without it the caption is used unchanged. Empty tags are dropped when
-    shuffling (kohya keeps them, producing ", ," in the prompt).
-    """
-    if keep_tokens < 0:
-        raise ValueError(f"keep_tokens must be >= 0, got {keep_tokens}")
-    if dropout_rate > 0 and rng.random() < dropout_rate:
-        return ""
-    if not shuffle:
-        return caption
-    tags = _split_tags(caption)
-    fixed, flexible = tags[:keep_tokens], tags[keep_tokens:]
-    rng.shuffle(flexible)
-    return ", ".join(fixed + flexible)
-
-
-def background_for(index: int, mode: str) -> str:
-    """The colour transparency is flattened onto for the image at `index` in
-    `DatasetScan.unique_images`: fixed, or white and black alternating by image."""
-    if mode in BACKGROUNDS:
-        return mode
-    if mode == "alternate":
-        return "white" if index % 2 == 0 else "black"
-    raise ValueError(f"background mode must be white, black or alternate, got {mode!r}")
-
-
-def load_image(path: Path, size: tuple[int, int], background: str) -> torch.Tensor:
-    """The image as a float tensor [3, H, W] in [-1, 1] for a bucket of `size` (w, h).
-
-    Transparency is flattened onto `background`, any mode is converted to RGB, and the
-    image is scaled (Lanczos) to cover the bucket and center-cropped, as kohya does.
-    """
-    if background not in BACKGROUNDS:
-        raise ValueError(f"background must be white or black, got {background!r}")
-    try:
-        with Image.open(path) as image:
-            rgb = flatten_to_rgb(image, BACKGROUNDS[background])
-    except IMAGE_ERRORS as error:
-        raise DataError(
-            f"cannot read image {path}: {image_error_reason(error)}; remove or replace it"
-        ) from error
-    pixels = np.array(_cover_and_crop(rgb, size), dtype=np.float32)
-    return torch.from_numpy(pixels).permute(2, 0, 1).contiguous() / 127.5 - 1.0
-
-
-def flatten_to_rgb(image: Image.Image, colour: tuple[int, int, int]) -> Image.Image:
-    if not _has_alpha(image):
-        return image.convert("RGB")
-    flat = Image.new("RGBA", image.size, (*colour, 255))
-    flat.alpha_composite(image.convert("RGBA"))
-    return flat.convert("RGB")
-
-
-def _cover_and_crop(image: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """Scale so the image covers `size` with kohya's rounding, then cut out the center."""
-    (width, height), (target_w, target_h) = image.size, size
-    if (width, height) == (target_w, target_h):
-        return image
-    wider = width / height > target_w / target_h
-    scale = target_h / height if wider else target_w / width
-    resized_w = max(target_w, int(width * scale + 0.5))
-    resized_h = max(target_h, int(height * scale + 0.5))
-    resized = image.resize((resized_w, resized_h), Image.Resampling.LANCZOS)
-    left, top = (resized_w - target_w) // 2, (resized_h - target_h) // 2
-    return resized.crop((left, top, left + target_w, top + target_h))

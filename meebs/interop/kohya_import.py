@@ -1,8 +1,8 @@
-"""kohya_ss GUI LoRA configs (the JSON its "Save config" writes) to recipes and back.
+"""A kohya_ss GUI LoRA config (the JSON its "Save config" writes) as a recipe.
 
 Users arrive with a kohya_ss config; the original project's runs were made that way.
-`import-kohya` turns one into a recipe, `export-kohya` writes a recipe as a config the GUI
-loads. Both apply the GUI's own reading of its values (REFERENCE section 8):
+`import-kohya` turns one into a recipe, applying the GUI's own reading of its values
+(REFERENCE section 8):
 
 * older GUIs wrote numbers and booleans as strings ("2", "1e-4", "True"): accepted;
 * `seed` 0 or "" means a random seed in kohya; a recipe always has a fixed one;
@@ -13,19 +13,16 @@ loads. Both apply the GUI's own reading of its values (REFERENCE section 8):
 * `clip_skip` 0 means none; `noise_offset` counts only with `noise_offset_type` Original;
 * `LoRA_type` Standard trains no k x k convs, whatever `conv_dim` says.
 
-Nothing is dropped silently: every key of the other side that has no equivalent is
-listed in the `notes` returned with the result (the CLI prints them on stderr), and a
-value that cannot be converted stops with one line naming the key and the fix.
+Nothing is dropped silently: every key of the config that has no equivalent is listed in
+the `notes` returned with the result (the CLI prints them on stderr), and a value that
+cannot be converted stops with one line naming the key and the fix.
 """
 
 from __future__ import annotations
 
-import ast
-import contextlib
 import json
 import typing
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,16 +30,27 @@ import yaml
 
 from meebs.errors import MeebsError, RecipeError
 from meebs.files.text_files import read_text
+from meebs.interop.kohya_export import EXPORTS
+from meebs.interop.kohya_keys import (
+    LORA_TYPES,
+    SAVE_PRECISIONS,
+    SIMPLE,
+    STANDARD,
+    Converted,
+    parse_optimizer_args,
+    to_bool,
+    to_float,
+    to_int,
+    to_str,
+    value_error,
+    value_text,
+)
 from meebs.models.fetch import read_pins
-from meebs.models.sampling import SAMPLER_ALIASES, normalize_sampler, recipe_prompts
-from meebs.recipe.schema import Recipe, documented_keys, load_recipe, recipe_from_dict
+from meebs.models.sampling import normalize_sampler, recipe_prompts
+from meebs.recipe.keys import documented_keys
+from meebs.recipe.loading import recipe_from_dict
+from meebs.recipe.schema import Recipe
 
-# LoRA_type <-> network.algo. "lora" with k x k convs is kohya's own LoCon (networks.lora
-# with conv_dim); "Standard" LoRA leaves those convs alone.
-LORA_TYPES = {"LyCORIS/LoHa": "loha", "LyCORIS/LoCon": "locon", "Kohya LoCon": "lora"}
-STANDARD = "Standard"
-# kohya's save_precision "float" is fp32.
-SAVE_PRECISIONS = {"float": "fp32", "fp16": "fp16", "bf16": "bf16"}
 # kohya's sample defaults (sd-scripts' sample_image_inference), used for prompts without
 # --s / --l: imported so the samples look like the GUI's.
 KOHYA_SAMPLE_STEPS = 30
@@ -53,93 +61,6 @@ SD15_PIN = "sd15"
 
 _OFF = (None, "", 0, 0.0, False, "none", "None", [], {})
 
-# --------------------------------------------------------------------------- values
-
-
-def _text(value: Any) -> str:
-    return json.dumps(value) if not isinstance(value, str) else repr(value)
-
-
-def _fail(key: str, value: Any, wanted: str) -> MeebsError:
-    return MeebsError(
-        f"kohya_ss key {key}: expected {wanted}, got {_text(value)}; fix it in the config"
-    )
-
-
-def to_int(key: str, value: Any) -> int:
-    """An integer, also from the strings and integral floats older GUIs wrote."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if not isinstance(value, bool):
-        with contextlib.suppress(TypeError, ValueError):
-            number = float(value)
-            if number.is_integer():
-                return int(number)
-    raise _fail(key, value, "an integer")
-
-
-def to_float(key: str, value: Any) -> float:
-    if isinstance(value, bool):
-        raise _fail(key, value, "a number")
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise _fail(key, value, "a number") from None
-
-
-def to_bool(key: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-        return value.strip().lower() == "true"
-    if value in (0, 1):
-        return bool(value)
-    raise _fail(key, value, "true or false")
-
-
-def to_str(key: str, value: Any) -> str:
-    if not isinstance(value, str):
-        raise _fail(key, value, "a string")
-    return value
-
-
-# Keys that map one to one: kohya key -> (recipe key, converter). An empty string or
-# null means "not set" in the GUI, so the recipe keeps its default.
-SIMPLE: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
-    "train_data_dir": ("data.train_dir", to_str),
-    "reg_data_dir": ("data.reg_dir", to_str),
-    "enable_bucket": ("data.enable_bucket", to_bool),
-    "min_bucket_reso": ("data.min_bucket_reso", to_int),
-    "max_bucket_reso": ("data.max_bucket_reso", to_int),
-    "bucket_reso_steps": ("data.bucket_reso_steps", to_int),
-    "flip_aug": ("data.flip_aug", to_bool),
-    "shuffle_caption": ("data.shuffle_caption", to_bool),
-    "keep_tokens": ("data.keep_tokens", to_int),
-    "caption_dropout_rate": ("data.caption_dropout_rate", to_float),
-    "cache_latents": ("data.cache_latents", to_bool),
-    "max_data_loader_n_workers": ("data.num_workers", to_int),
-    "output_dir": ("output.dir", to_str),
-    "output_name": ("output.name", to_str),
-    "logging_dir": ("output.logging_dir", to_str),
-    "training_comment": ("output.comment", to_str),
-    "network_weights": ("network.weights", to_str),
-    "network_dim": ("network.dim", to_int),
-    "network_alpha": ("network.alpha", to_float),
-    "train_batch_size": ("train.batch_size", to_int),
-    "gradient_accumulation_steps": ("train.gradient_accumulation_steps", to_int),
-    "gradient_checkpointing": ("train.gradient_checkpointing", to_bool),
-    "mixed_precision": ("train.mixed_precision", to_str),
-    "learning_rate": ("train.learning_rate", to_float),
-    "lr_scheduler": ("train.lr_scheduler", to_str),
-    "lr_scheduler_power": ("train.lr_scheduler_power", to_float),
-    "optimizer": ("train.optimizer", to_str),
-    "max_token_length": ("train.max_token_length", to_int),
-    "no_token_padding": ("train.no_token_padding", to_bool),
-    "prior_loss_weight": ("train.prior_loss_weight", to_float),
-    "max_grad_norm": ("train.max_grad_norm", to_float),
-    "num_cpu_threads_per_process": ("train.threads", to_int),
-    "sample_every_n_epochs": ("sample.every_n_epochs", to_int),
-}
 CONV_KEYS = {
     "conv_dim": ("network.conv_dim", to_int),
     "conv_alpha": ("network.conv_alpha", to_float),
@@ -152,17 +73,6 @@ def _choices(recipe_key: str) -> tuple[Any, ...]:
     section_type = typing.get_type_hints(Recipe)[section]
     hint = typing.get_type_hints(section_type)[name]
     return typing.get_args(hint) if typing.get_origin(hint) is typing.Literal else ()
-
-
-@dataclass(frozen=True)
-class Converted:
-    """The result of a conversion: the text to print and what the user must know."""
-
-    text: str
-    notes: tuple[str, ...]  # one line each, for stderr
-
-
-# --------------------------------------------------------------------------- import
 
 
 class _Importer:
@@ -194,14 +104,15 @@ class _Importer:
             if allowed and value not in allowed:
                 choices = ", ".join(map(str, allowed))
                 raise MeebsError(
-                    f"kohya_ss key {key}: {_text(value)} is not supported; use one of {choices}"
+                    f"kohya_ss key {key}: {value_text(value)} is not supported; "
+                    f"use one of {choices}"
                 )
             self.put(recipe_key, value)
 
     def unconverted(self) -> list[str]:
         """One line each for the keys set to something and for those left empty or off."""
         rest = {key: self.config[key] for key in sorted(self.config) if key not in self.used}
-        active = [f"{key}={_text(value)}" for key, value in rest.items() if value not in _OFF]
+        active = [f"{key}={value_text(value)}" for key, value in rest.items() if value not in _OFF]
         off = [key for key, value in rest.items() if value in _OFF]
         lines = []
         if active:
@@ -238,7 +149,7 @@ def import_kohya(path: Path) -> Converted:
 
 def _kohya_key_hint(message: str) -> str:
     """Names the kohya_ss key behind the recipe key that a validation message names."""
-    tables = (SIMPLE, CONV_KEYS, _EXPORTS)
+    tables = (SIMPLE, CONV_KEYS, EXPORTS)
     keys = [
         key
         for table in tables
@@ -285,7 +196,7 @@ def _import_network(importer: _Importer) -> None:
         importer.put("network.algo", "lora")
         importer.put("network.conv_dim", 0)
         ignored = [
-            f"{key}={_text(importer.take(key))}" for key in CONV_KEYS if key in importer.config
+            f"{key}={value_text(importer.take(key))}" for key in CONV_KEYS if key in importer.config
         ]
         if ignored:
             importer.notes.append(
@@ -427,7 +338,7 @@ def _resolution(value: Any) -> list[int]:
     if len(parts) == 1:
         parts *= 2
     if len(parts) != 2:
-        raise _fail("max_resolution", value, 'width,height such as "512,512"')
+        raise value_error("max_resolution", value, 'width,height such as "512,512"')
     return [to_int("max_resolution", part) for part in parts]
 
 
@@ -460,129 +371,3 @@ def _import_samples(importer: _Importer) -> None:
         importer.put("sample.prompts", prompts)
         importer.put("sample.steps", KOHYA_SAMPLE_STEPS)
         importer.put("sample.cfg", KOHYA_SAMPLE_CFG)
-
-
-def parse_optimizer_args(text: str) -> dict[str, Any]:
-    """kohya's `optimizer_args` "weight_decay=0.01 betas=0.9,0.99" as a mapping."""
-    args: dict[str, Any] = {}
-    for item in text.split():
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            raise _fail("optimizer_args", text, 'space-separated name=value pairs, e.g. "a=1 b=2"')
-        parsed = [_literal(part) for part in value.split(",")]
-        args[name] = parsed if len(parsed) > 1 else parsed[0]
-    return args
-
-
-def _literal(text: str) -> Any:
-    """A Python literal as kohya reads it (ast.literal_eval), else the text itself."""
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
-def format_optimizer_args(args: dict[str, Any]) -> str:
-    def value(item: Any) -> str:
-        return ",".join(map(str, item)) if isinstance(item, list) else str(item)
-
-    return " ".join(f"{name}={value(item)}" for name, item in args.items())
-
-
-# --------------------------------------------------------------------------- export
-
-
-def export_kohya(path: Path) -> Converted:
-    """A recipe as a kohya_ss GUI LoRA config (JSON text)."""
-    recipe = load_recipe(path)
-    config, used = _export(recipe)
-    notes = []
-    if recipe.model.builtin is not None:
-        notes.append(
-            f"model.builtin {recipe.model.builtin}: kohya_ss has no built-in models; "
-            "set pretrained_model_name_or_path in the GUI"
-        )
-    if recipe.sample.sampler not in _KOHYA_SAMPLERS:
-        notes.append(f"sample.sampler {recipe.sample.sampler}: kohya_ss has no such sampler")
-    if recipe.train.seed == 0:
-        notes.append("train.seed 0: kohya_ss reads seed 0 as 'random'; pick another seed")
-    flat = {key: json.dumps(recipe_value(recipe, key)) for key, *_ in documented_keys()}
-    rest = [f"{key}={value}" for key, value in flat.items() if key not in used]
-    notes.append("recipe keys with no kohya_ss equivalent (not exported): " + ", ".join(rest))
-    return Converted(json.dumps(config, indent=2) + "\n", tuple(notes))
-
-
-def recipe_value(recipe: Recipe, key: str) -> Any:
-    section, name = key.split(".")
-    return getattr(getattr(recipe, section), name)
-
-
-# kohya key -> (the recipe key it expresses, its value for a recipe); beside SIMPLE.
-_EXPORTS: dict[str, tuple[str, Callable[[Recipe], Any]]] = {
-    "pretrained_model_name_or_path": ("model.path", lambda r: r.model.path or ""),
-    "use_tucker": ("network.use_tucker", lambda r: r.network.use_tucker),
-    "epoch": ("train.epochs", lambda r: r.train.epochs),
-    "seed": ("train.seed", lambda r: r.train.seed),
-    "unet_lr": ("train.unet_lr", lambda r: _explicit_lr(r, r.unet_lr)),
-    "text_encoder_lr": ("train.text_encoder_lr", lambda r: _explicit_lr(r, r.text_encoder_lr)),
-    "lr_warmup": ("train.lr_warmup", lambda r: round(r.train.lr_warmup * 100, 10)),
-    "lr_scheduler_num_cycles": (
-        "train.lr_scheduler_num_cycles",
-        lambda r: r.train.lr_scheduler_num_cycles,
-    ),
-    "optimizer_args": (
-        "train.optimizer_args",
-        lambda r: format_optimizer_args(r.train.optimizer_args),
-    ),
-    "min_snr_gamma": ("train.min_snr_gamma", lambda r: r.train.min_snr_gamma or 0),
-    "xformers": ("train.attention", lambda r: r.train.attention),
-    "clip_skip": ("train.clip_skip", lambda r: r.train.clip_skip),
-    "noise_offset": ("train.noise_offset", lambda r: r.train.noise_offset),
-    "save_precision": (
-        "output.save_precision",
-        lambda r: _KOHYA_PRECISION[r.output.save_precision],
-    ),
-    "save_every_n_epochs": ("output.save_every_n_epochs", lambda r: r.output.save_every_n_epochs),
-    "save_last_n_epochs": ("output.keep_last_n_epochs", lambda r: r.output.keep_last_n_epochs or 0),
-    "max_resolution": ("data.resolution", lambda r: ",".join(map(str, r.data.resolution))),
-    "caption_extension": ("data.caption_extension", lambda r: r.data.caption_extension),
-    "sample_prompts": ("sample.prompts", lambda r: "\n".join(r.sample.prompts)),
-    "sample_sampler": ("sample.sampler", lambda r: _KOHYA_SAMPLERS.get(r.sample.sampler, "")),
-}
-# Fixed values: the GUI's reading of them matches what meebs does.
-_EXPORT_FIXED = {
-    "max_train_epochs": "",
-    "max_train_steps": 0,  # the GUI computes it from the folders, as `plan` does
-    "lr_warmup_steps": 0,
-    "noise_offset_type": "Original",
-    "save_model_as": "safetensors",
-}
-_KOHYA_PRECISION = {ours: theirs for theirs, ours in SAVE_PRECISIONS.items()}
-# A1111 name -> kohya's first alias for it (euler_a, not k_euler_a).
-_KOHYA_SAMPLERS = {canonical: alias for alias, canonical in reversed(SAMPLER_ALIASES.items())}
-
-
-def _explicit_lr(recipe: Recipe, lr: float) -> float:
-    """0 for both when the recipe leaves both to learning_rate: the GUI's "not set"."""
-    both_default = recipe.train.unet_lr is None and recipe.train.text_encoder_lr is None
-    return 0 if both_default else lr
-
-
-def _export(recipe: Recipe) -> tuple[dict[str, Any], set[str]]:
-    """The config and the recipe keys it expresses."""
-    net = recipe.network
-    config: dict[str, Any] = dict(_EXPORT_FIXED)
-    used = {"network.algo", "network.conv_dim", "network.conv_alpha"}
-    for key, (recipe_key, _) in SIMPLE.items():
-        value = recipe_value(recipe, recipe_key)
-        config[key] = "" if value is None else value
-        used.add(recipe_key)
-    for key, (recipe_key, value_of) in _EXPORTS.items():
-        config[key] = value_of(recipe)
-        used.add(recipe_key)
-    if net.algo == "lora" and net.conv_dim == 0:
-        config["LoRA_type"] = STANDARD
-    else:
-        config["LoRA_type"] = {algo: name for name, algo in LORA_TYPES.items()}[net.algo]
-        config["conv_dim"], config["conv_alpha"] = net.conv_dim, net.conv_alpha
-    return dict(sorted(config.items())), used

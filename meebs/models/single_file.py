@@ -1,0 +1,193 @@
+"""Single-file base models: one checkpoint in the original LDM layout, read as SD 1.x.
+
+`.safetensors` files, and pickle files only when the recipe allows them. The file carries
+no config: the parts are built from `meebs/configs/sd15/` and its keys are converted with
+diffusers' own single-file mapping, so nothing is ever fetched from a hub. The pin and the
+architecture are checked before any weights are read, and loading is strict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import init_empty_weights
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.loaders.single_file_utils import (
+    convert_ldm_clip_checkpoint,
+    convert_ldm_unet_checkpoint,
+    convert_ldm_vae_checkpoint,
+)
+from safetensors import SafetensorError, safe_open
+from torch import nn
+from transformers import CLIPTextModel
+
+from meebs.errors import ModelError
+from meebs.models.base import (
+    SD15_CONFIGS,
+    BaseModel,
+    check_pin,
+    first_line,
+    kohya_model_hash,
+    noise_scheduler,
+    not_sd1,
+    parts_from_configs,
+    refuse_pickle,
+    sha256_file,
+    unreadable,
+)
+from meebs.models.tokenizer import clip_tokenizer
+
+PICKLE_SUFFIXES = frozenset({".ckpt", ".pt", ".pth", ".bin"})
+
+# Key prefixes of the three SD 1.x parts in a single-file (LDM layout) checkpoint.
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+TEXT_PREFIX = "cond_stage_model.transformer."
+# The first cross-attention key projection: its input width is the text context width,
+# 768 for SD 1.x (CLIP ViT-L), 1024 for SD 2.x (OpenCLIP ViT-H).
+CROSS_ATTENTION_KEY = UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+CONV_IN_KEY = UNET_PREFIX + "input_blocks.0.0.weight"
+SD1_CONTEXT_WIDTH = 768
+
+
+def load_file(path: Path, pin: str | None, allow_pickle: bool) -> BaseModel:
+    suffix = path.suffix.lower()
+    is_pickle = suffix in PICKLE_SUFFIXES
+    if not is_pickle and suffix != ".safetensors":
+        raise unreadable(path, "expected .safetensors or a diffusers folder")
+    if is_pickle and not allow_pickle:
+        refuse_pickle(path)
+    digest = sha256_file(path)
+    check_pin(path, digest, pin)
+    if is_pickle:
+        state = _read_pickle(path)
+        check_sd1_layout(path, {key: tuple(value.shape) for key, value in state.items()})
+    else:
+        check_sd1_layout(path, _safetensors_shapes(path))
+        state = _read_safetensors(path)
+    unet, vae, text_encoder = parts_from_ldm(state, SD15_CONFIGS, path)
+    return BaseModel(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer(),
+        noise_scheduler=noise_scheduler(),
+        sha256=digest,
+        name=path.stem,
+        legacy_hash=kohya_model_hash(path),
+        source=str(path),
+    )
+
+
+def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes from the header only: no weights are read."""
+    try:
+        with safe_open(path, framework="pt") as handle:
+            return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as err:
+        raise unreadable(path, f"bad safetensors header: {first_line(err)}") from None
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of the three SD parts; EMA copies and other extras are never read."""
+    prefixes = (UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX)
+    with safe_open(path, framework="pt") as handle:
+        return {key: handle.get_tensor(key) for key in handle.keys() if key.startswith(prefixes)}  # noqa: SIM118
+
+
+def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
+    """Unpickle a checkpoint the user trusts (allow_pickle) and keep its tensors."""
+    try:
+        checkpoint: Any = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # unpickling a user file can fail in many ways
+        raise unreadable(path, f"cannot unpickle it: {first_line(err)}") from None
+    while isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
+        checkpoint = checkpoint["state_dict"]
+    if not isinstance(checkpoint, dict):
+        raise unreadable(path, "it holds no state dict")
+    return {key: value for key, value in checkpoint.items() if isinstance(value, torch.Tensor)}
+
+
+def check_sd1_layout(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Refuse anything but a complete SD 1.x checkpoint, naming what it is instead."""
+
+    def has(prefix: str) -> bool:
+        return any(key.startswith(prefix) for key in shapes)
+
+    context = shapes.get(CROSS_ATTENTION_KEY)
+    if has("conditioner.embedders."):
+        raise not_sd1(path, "an SDXL checkpoint")
+    if has("cond_stage_model.model.") or (context is not None and context[-1] == 1024):
+        raise not_sd1(path, "an SD 2.x checkpoint (OpenCLIP text encoder, 1024-wide context)")
+    if context is None or context[-1] != SD1_CONTEXT_WIDTH:
+        raise unreadable(
+            path,
+            f"no SD 1.x UNet: {CROSS_ATTENTION_KEY} is missing or not {SD1_CONTEXT_WIDTH} wide",
+        )
+    for prefix, part in ((TEXT_PREFIX + "text_model.", "CLIP text encoder"), (VAE_PREFIX, "VAE")):
+        if not has(prefix):
+            raise ModelError(
+                f"{path} has no {part} weights ({prefix}*): use a full SD 1.x checkpoint, "
+                "not a UNet-only file"
+            )
+    conv_in = shapes.get(CONV_IN_KEY)
+    if conv_in is not None and conv_in[1] != 4:
+        raise not_sd1(
+            path, f"an SD 1.x inpainting or edit model ({conv_in[1]} UNet input channels, not 4)"
+        )
+
+
+def parts_from_ldm(
+    state: dict[str, torch.Tensor], config_dir: Path, path: Path
+) -> tuple[UNet2DConditionModel, AutoencoderKL, CLIPTextModel]:
+    """Build the three parts from the shipped configs and an LDM-layout state dict.
+
+    The modules are created without initialising weights (the checkpoint replaces them),
+    the keys are converted with diffusers' single-file mapping, and loading is strict: a
+    missing or unexpected key is an error, never a silently random weight.
+    """
+    with init_empty_weights():
+        unet, vae, text_encoder = parts_from_configs(config_dir)
+    _load_strict(unet, lambda: convert_ldm_unet_checkpoint(state, dict(unet.config)), path, "UNet")
+    _load_strict(vae, lambda: convert_ldm_vae_checkpoint(state, dict(vae.config)), path, "VAE")
+    _load_strict(text_encoder, lambda: _ldm_text_state(state), path, "text encoder")
+    return unet, vae, text_encoder
+
+
+def _ldm_text_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """LDM `cond_stage_model.transformer.text_model.*` keys as transformers 5 names them.
+
+    transformers 5's CLIPTextModel has no `text_model.` level, and `position_ids` is a
+    constant buffer some checkpoints carry but the model does not save.
+    """
+    converted = convert_ldm_clip_checkpoint(state)
+    return {
+        key.removeprefix("text_model."): value
+        for key, value in converted.items()
+        if not key.endswith("position_ids")
+    }
+
+
+def _load_strict(
+    module: nn.Module, convert: Callable[[], dict[str, torch.Tensor]], path: Path, part: str
+) -> None:
+    """Convert and assign weights; any key or shape mismatch becomes a one-line ModelError."""
+    try:
+        result = module.load_state_dict(convert(), strict=False, assign=True)
+    except (KeyError, IndexError, RuntimeError) as err:
+        reason = first_line(err)
+        raise ModelError(f"{path}: its {part} weights do not fit SD 1.5 ({reason})") from None
+    if result.missing_keys or result.unexpected_keys:
+        raise ModelError(
+            f"{path}: its {part} weights do not match SD 1.5 "
+            f"({_sample(result.missing_keys)} missing, {_sample(result.unexpected_keys)} "
+            "unexpected): use an unmodified SD 1.x checkpoint"
+        )
+
+
+def _sample(keys: Collection[str]) -> str:
+    ordered = sorted(keys)
+    return f"{len(ordered)} (e.g. {ordered[0]})" if ordered else "0"
