@@ -98,7 +98,6 @@ def test_state_round_trip_keeps_every_bit(tmp_path):
         batch=3,
         step=9,
         epoch_rng=rng_to_json(rng.getstate()),
-        data_rng=rng_to_json(random.Random(6).getstate()),
         epoch_losses=[0.1 + 1e-17, 1 / 3],
         losses=[0.25],
         files=["a.safetensors"],

@@ -12,22 +12,12 @@ from __future__ import annotations
 import io
 import json
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from torch.utils.tensorboard import SummaryWriter
 
 from meebs.data import latents as latent_io
@@ -44,6 +34,7 @@ from meebs.runs.manifest import (
 )
 from meebs.training.epochs import EpochData
 from meebs.training.perf import PerfMeter
+from meebs.training.progress import progress_bar
 from meebs.training.step import Batch, StepMath
 from meebs.training.stop import StopFlag, StopNow, signal_name
 from meebs.training.train_state import (
@@ -129,7 +120,6 @@ class Loop:
             batch=batches_done,
             step=self.step,
             epoch_rng=rng_to_json(self.epoch_rng),
-            data_rng=rng_to_json(self.data.rng.getstate()),
             epoch_losses=list(result.epoch_losses),
             losses=torch.stack(losses).tolist() if losses else [],
             files=[f.name for f in result.files],
@@ -188,7 +178,9 @@ class Loop:
             self.validator.restore(at.evaluations)
         elif self.validator:  # epoch 0: the base model, the baseline
             self._validate(0, result, writer)
-        with self._progress(console) as progress:
+        if at and at.batch == 0 and at.epoch > 1:  # a stop between an epoch and its outputs
+            self._epoch_outputs(at.epoch - 1, result, writer)
+        with progress_bar(console, plan.epochs) as progress:
             task = progress.add_task(
                 "train", total=plan.total_steps, completed=self.step, epoch=0, loss=0.0, lr=0.0
             )
@@ -198,8 +190,7 @@ class Loop:
                 self.epoch_rng = self.data.rng.getstate()
                 rounds = self.data.rounds(samples, epoch)
                 done, losses = 0, []
-                if at:  # the epoch's batch order is rebuilt; skip the rounds already done
-                    self.data.rng.setstate(rng_from_json(at.data_rng))
+                if at:  # the epoch's rounds are rebuilt; skip those already done
                     device = self.accelerator.device
                     losses = [torch.tensor(v, device=device) for v in at.losses]
                     done, at = at.batch, None
@@ -300,15 +291,32 @@ class Loop:
         )
 
     def _end_of_epoch(self, epoch: int, result: RunResult, writer: SummaryWriter) -> None:
+        """Validation, then the resume state, then the epoch's file and samples.
+
+        The state comes first because it holds the very weights the epoch file is made
+        of: a process killed after it (SIGKILL, a power cut) resumes by writing what is
+        missing of this epoch's outputs, never by training the epoch again.
+        """
         names = dict(self.plan.files)
         if self.validator and self.validator.due(epoch, epoch in names):
             self._validate(epoch, result, writer)  # before saving: the final file names it
+        if epoch in names and epoch < self.plan.epochs:  # a crash after this resumes here
+            self.epoch_rng = self.data.rng.getstate()
+            self._save_state(result.run_dir, self._position(epoch + 1, 0, [], result))
+        self._epoch_outputs(epoch, result, writer)
+
+    def _epoch_outputs(self, epoch: int, result: RunResult, writer: SummaryWriter) -> None:
+        """The epoch's network file and samples, where planned; after a resume, only those
+        missing (each is written under a temporary name and renamed, so one that exists
+        is complete)."""
+        names = dict(self.plan.files)
         if epoch in names:
-            self._save(result.run_dir / names[epoch], epoch, result)
+            path = result.run_dir / names[epoch]
+            if path.exists():
+                result.files.append(path)
+            else:
+                self._save(path, epoch, result)
             self._drop_old_epochs(result, epoch)
-            if epoch < self.plan.epochs:  # a crash after this point resumes from here
-                self.epoch_rng = self.data.rng.getstate()
-                self._save_state(result.run_dir, self._position(epoch + 1, 0, [], result))
         every = self.recipe.sample.every_n_epochs
         if every and (epoch % every == 0 or epoch == self.plan.epochs):
             self._samples(result.run_dir, epoch, writer)
@@ -367,6 +375,13 @@ class Loop:
         )
 
     def _samples(self, run_dir: Path, epoch: int, writer: SummaryWriter) -> None:
+        sample_dir = run_dir / "samples"
+        names = [
+            sample_file_name(self.recipe.output.name, epoch, self.step, index)
+            for index in range(len(self.prompts))
+        ]
+        if all((sample_dir / name).exists() for name in names):
+            return  # drawn before a stop
         base = self.base
         images = generate_samples(
             base,
@@ -376,31 +391,10 @@ class Loop:
             clip_skip=self.recipe.train.clip_skip,
             max_token_length=self.recipe.train.max_token_length,
         )
-        sample_dir = run_dir / "samples"
         make_folder(sample_dir)
-        for index, image in enumerate(images):
-            name = sample_file_name(self.recipe.output.name, epoch, self.step, index)
+        for index, (name, image) in enumerate(zip(names, images, strict=True)):
             png = io.BytesIO()
             image.save(png, format="PNG")
             write_atomic(sample_dir / name, [png.getbuffer()])
             array = torch.from_numpy(np.array(image.convert("RGB")))
             writer.add_image(f"samples/{index:02d}", array, self.step, dataformats="HWC")
-
-    @contextmanager
-    def _progress(self, console: Console):
-        columns = (
-            TextColumn("epoch {task.fields[epoch]}/" + str(self.plan.epochs)),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}"),
-            SpeedColumn(),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-        )
-        with Progress(*columns, console=console) as progress:
-            yield progress
-
-
-class SpeedColumn(ProgressColumn):
-    def render(self, task) -> str:
-        return f"{task.speed or 0:.2f} it/s"

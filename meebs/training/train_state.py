@@ -26,7 +26,9 @@ from meebs.files.safetensors_io import save_file_atomic
 # a safetensors file, but not named .safetensors: loaders that scan a folder for networks
 # (AUTOMATIC1111, ComfyUI) must not list it
 STATE_NAME = "resume.state"
-FORMAT = 2  # 2: optimizer and schedule states as marked JSON trees (any nesting)
+# 2: optimizer and schedule states as marked JSON trees (any nesting); 3: no `data_rng`
+# (rebuilding the epoch's rounds from `epoch_rng` leaves the generator where it was)
+FORMAT = 3
 
 
 @dataclass
@@ -37,7 +39,6 @@ class Position:
     batch: int
     step: int
     epoch_rng: list  # random.Random state at the epoch's start (rebuilds its batch order)
-    data_rng: list  # random.Random state now
     epoch_losses: list[float]  # finished epochs' mean losses
     losses: list[float]  # this epoch's batch losses so far
     files: list[str] = field(default_factory=list)  # network files written so far
