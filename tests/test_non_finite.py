@@ -60,3 +60,30 @@ def test_a_nan_network_is_refused_in_every_precision(network, tmp_path):
         with pytest.raises(TrainingDiverged, match="NaN or inf, so training has diverged"):
             save_network(network, tmp_path / "net.safetensors", {}, dtype)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_weights_that_overflow_at_an_epoch_end_leave_no_state_and_no_file(
+    tmp_path, monkeypatch, capsys
+):
+    """The epoch's resume state is written before its file (tests/test_kill.py): the
+    file's NaN/inf check runs first, so a state never holds what no file may hold."""
+    from meebs.training.step import StepMath
+
+    original = StepMath.optimizer_step
+    steps: list[int] = []
+
+    def overflow_at_the_end_of_epoch_one(self):
+        original(self)
+        steps.append(len(steps) + 1)
+        if steps[-1] == 30:  # the demo's epoch 1 has 30 steps at batch 4
+            with torch.no_grad():
+                next(p for g in self.optimizer.param_groups for p in g["params"]).fill_(1e5)
+
+    monkeypatch.setattr(StepMath, "optimizer_step", overflow_at_the_end_of_epoch_one)
+    monkeypatch.chdir(REPO)
+    argv = ["train", "recipes/demo.yaml", *SHORT_RUN, "sample.every_n_epochs=0"]
+    assert main([*argv, f"output.dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "overflow fp16 to inf" in err and "Traceback" not in err
+    (run,) = tmp_path.glob("meebs_demo/*")
+    assert not list(run.glob("*.safetensors")) and not (run / "resume.state").exists()

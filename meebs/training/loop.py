@@ -26,7 +26,12 @@ from meebs.errors import TrainingDiverged
 from meebs.files.atomic_write import make_folder, write_atomic, write_text_atomic
 from meebs.files.hash_cache import cached_sha256
 from meebs.models.sampling import generate_samples, sample_file_name
-from meebs.network.build import SAVE_DTYPES, save_network
+from meebs.network.build import (
+    SAVE_DTYPES,
+    network_state_dict,
+    refuse_non_finite,
+    save_network,
+)
 from meebs.plan.metadata import RECOMMENDED_EPOCH_KEY, build_metadata
 from meebs.runs.manifest import (
     MANIFEST_NAME,
@@ -301,6 +306,10 @@ class Loop:
         if self.validator and self.validator.due(epoch, epoch in names):
             self._validate(epoch, result, writer)  # before saving: the final file names it
         if epoch in names and epoch < self.plan.epochs:  # a crash after this resumes here
+            # the file's NaN/inf check first: a state, like a file, never holds them
+            dtype = SAVE_DTYPES[self.recipe.output.save_precision]
+            saved = network_state_dict(self.network, dtype)
+            refuse_non_finite(saved, result.run_dir / names[epoch], self.network.state_dict())
             self.epoch_rng = self.data.rng.getstate()
             self._save_state(result.run_dir, self._position(epoch + 1, 0, [], result))
         self._epoch_outputs(epoch, result, writer)
