@@ -21,7 +21,14 @@ from meebs.cli import main
 
 pytestmark = pytest.mark.slow  # trains, and starts processes: `make test-fast` skips it
 
-THREE_EPOCHS = [*SHORT_RUN, "train.epochs=3", "validation.enabled=false"]
+# 3 epochs of 10 steps (no class images, batch 6), samples after each
+THREE_EPOCHS = [
+    *SHORT_RUN,
+    "train.epochs=3",
+    "data.reg_dir=null",
+    "train.batch_size=6",
+    "validation.enabled=false",
+]
 
 # Run `train` in a process that dies (exit 137, no handler, no cleanup) on entering the
 # Loop method named by argv[1] when its epoch is 2: the epoch file (`_save`), the
