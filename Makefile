@@ -34,7 +34,7 @@ endif
 
 .DEFAULT_GOAL := help
 .PHONY: help demo test test-fast lint format plan train fetch-model tensorboard bench venv \
-        lock clean clean-venv docker-check gpu-check image reproduce record data grid \
+        fuzz lock clean clean-venv docker-check gpu-check image reproduce record data grid \
         demo-learn pretrain-tiny
 
 help: ## list the targets
@@ -74,6 +74,10 @@ test: $(VENV)/.installed ## run the whole test suite (CPU only, no network)
 
 test-fast: $(VENV)/.installed ## the tests that train nothing (<= 2 min): formats, parsers, errors, estimates
 	$(PY) -m pytest -q -m "not slow"
+
+fuzz: $(VENV)/.installed ## the hardening run: 10,000 random inputs per parser, 50 random SIGKILLs of a training (make test runs a few of each)
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q tests/fuzz --hypothesis-show-statistics
+	MEEBS_KILLS=50 $(PY) -m pytest -q tests/test_random_kills.py
 
 lint: $(VENV)/.installed ## ruff lint + format check, and the layers' import contract
 	$(VENV)/bin/ruff check .

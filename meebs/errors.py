@@ -26,3 +26,11 @@ class ModelError(MeebsError):
 
 class TrainingDiverged(MeebsError):
     """The loss or the weights became NaN or inf: nothing more is trained or written."""
+
+
+def quoted(value: object, limit: int = 80) -> str:
+    """`value` as it may appear inside a one-line message: repr'd, so a newline or a
+    control character in a stranger's file shows as `\\n` instead of breaking the line,
+    and cut to `limit` characters, so a megabyte of junk is not echoed back."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-2:]}"
