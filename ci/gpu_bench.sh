@@ -40,6 +40,9 @@ run fp16-checkpointing sd15 train.gradient_checkpointing=true
 run fp16-adamw sd15 train.optimizer=AdamW
 run fp16-lycoris-layer sd15 train.loha_layer=lycoris
 run fp16-low-memory sd15 train.loha_layer=low-memory
+# issue 20's goal for the factored layer: peak VRAM <= 4 GB and it/s >= the fast path's
+run fp16-fast sd15 train.loha_layer=fast
+run fp16-factored sd15 train.loha_layer=factored
 run bf16 sd15 train.mixed_precision=bf16
 run fp16-256px sd15 data.resolution=256
 run fp16-256px-checkpointing sd15 data.resolution=256 train.gradient_checkpointing=true

@@ -22,13 +22,16 @@ def test_ratio_lines_compare_layer_paths_and_validation_share():
         return {"seconds_per_step": seconds, "peak_rss_gib": rss}
 
     results = {
-        "sd15": perf(6.0, 8.0),
+        "sd15-fast": perf(6.0, 8.0),
         "sd15-lycoris": perf(10.0, 10.0),
         "sd15-low-memory": perf(8.0, 5.0),
+        "sd15-factored": perf(3.0, 4.0),
         "demo-full": {"validation_s": 1.0, "run_s": 20.0},
     }
     assert ratio_lines(results) == [
-        "fast layer / lycoris' own: s/step 0.60x, peak_rss_gib 0.80x",
-        "low-memory layer / lycoris' own: s/step 0.80x, peak_rss_gib 0.50x",
+        "fast layer / lycoris: s/step 0.60x, peak_rss_gib 0.80x",
+        "low-memory layer / lycoris: s/step 0.80x, peak_rss_gib 0.50x",
+        "factored layer / lycoris: s/step 0.30x, peak_rss_gib 0.40x",
+        "factored layer / fast: s/step 0.50x, peak_rss_gib 0.50x",
         "demo validation: 1.0 s of the 20.0 s run (5.0%)",
     ]

@@ -71,3 +71,22 @@ def test_plan_prints_the_estimate(capsys) -> None:
     assert main(["plan", "recipes/1.3.yaml", *SD15]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "Cached: latents" in out and "Peak VRAM on a CUDA GPU, estimated" in out
+
+
+def test_plan_shows_the_layer_paths_and_keeps_no_weight_for_factored_layers(capsys) -> None:
+    """1.3's ranks (4: r1*r2 = 16) against SD 1.5's layers: the factored path takes
+    almost every layer, and the estimate keeps a full-size weight only for the others."""
+    from meebs.cli import main
+
+    estimates = {}
+    for path in ("fast", "factored"):
+        overrides = [*SD15, f"train.loha_layer={path}"]
+        assert main(["plan", "recipes/1.3.yaml", *overrides]) == 0
+        recipe = load_recipe(REPO / "recipes/1.3.yaml", overrides)
+        estimates[path] = estimate_memory(recipe, scan_data(recipe)).layer_gib
+    out = " ".join(capsys.readouterr().out.split())
+    assert "LoHA layers (train.loha_layer=fast): fast on 354" in out
+    factored = out.split("LoHA layers (train.loha_layer=factored): factored on ")[1]
+    taken, rest = factored.split(", fast on ")
+    assert int(taken) + int(rest.split()[0]) == 354 and int(taken) > 300
+    assert 0 < estimates["factored"] < 0.05 * estimates["fast"]

@@ -106,6 +106,21 @@ def test_a_different_thread_count_is_named(first_run, tmp_path, capsys):
     assert code == (0 if files_match else 1)
 
 
+def test_another_layer_path_is_named_with_its_tiny_weight_difference(first_run, tmp_path, capsys):
+    """The layer paths compute the same function, summing in another order: the rerun
+    names the switch, and its weights differ from the original's in the last bits only."""
+    capsys.readouterr()
+    argv = ["reproduce", str(first_run), "train.loha_layer=factored", f"output.dir={tmp_path}"]
+    assert main(argv) == 1
+    out = capsys.readouterr().out
+    assert 'train.loha_layer: "fast" -> "factored"' in out
+    rows = [line for line in out.splitlines() if "differs" in line and "│" in line]
+    assert rows, out
+    for row in rows:
+        max_abs, rel_l2, cosine = (float(cell) for cell in row.split("│")[3:6])
+        assert 0 < max_abs < 1e-2 and 0 < rel_l2 < 1e-3 and cosine > 0.9999, row
+
+
 def test_compare_two_files_reports_weight_distances(first_run, short_demo_seed7, capsys):
     other = short_demo_seed7.run_dir
     capsys.readouterr()

@@ -22,7 +22,7 @@ from PIL import Image
 
 from meebs.data.images import IMAGE_ERRORS, has_transparency, image_error_reason
 from meebs.errors import DataError
-from meebs.files.text_files import read_text
+from meebs.files.text_files import read_text, shown
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 """Image suffixes we read, compared case-insensitively (kohya's list without avif/jxl)."""
@@ -131,13 +131,14 @@ def parse_subset_name(folder: Path) -> tuple[int, str]:
     skipped folder trains a different adapter than the user meant.
     """
     match = _SUBSET_NAME.fullmatch(folder.name)
+    named = _path_text(folder)
     if match is None:
-        raise DataError(f"folder {folder} does not start with '{{repeats}}_': {_NAME_HINT}")
+        raise DataError(f"folder {named} does not start with '{{repeats}}_': {_NAME_HINT}")
     repeats, tokens = int(match["repeats"]), match["tokens"].strip()
     if repeats < 1:
-        raise DataError(f"folder {folder} has {repeats} repeats, it needs at least 1: {_NAME_HINT}")
+        raise DataError(f"folder {named} has {repeats} repeats, it needs at least 1: {_NAME_HINT}")
     if not tokens:
-        raise DataError(f"folder {folder} has no tokens after '_': {_NAME_HINT}")
+        raise DataError(f"folder {named} has no tokens after '_': {_NAME_HINT}")
     return repeats, tokens
 
 
@@ -173,16 +174,18 @@ def _scan_root(
     warnings: list[str],
 ) -> tuple[Subset, ...]:
     if not root.exists():
-        raise DataError(f"{setting} folder {root} does not exist: create it or fix {setting}")
+        raise DataError(
+            f"{setting} folder {_path_text(root)} does not exist: create it or fix {setting}"
+        )
     if not root.is_dir():
-        raise DataError(f"{setting} {root} is a file, not a folder: fix {setting}")
+        raise DataError(f"{setting} {_path_text(root)} is a file, not a folder: fix {setting}")
     entries = list(_sorted_entries(root))
     folders = [entry for entry in entries if entry.is_dir()]
     if not folders:
         raise DataError(
-            f"{setting} folder {root} has no subfolders: put the images in a subfolder named "
-            f"'{{repeats}}_{{subject}} {{class}}' such as '{root / '50_meeb person'}' "
-            f"(images directly in {root} are not used)"
+            f"{setting} folder {_path_text(root)} has no subfolders: put the images in a "
+            f"subfolder named '{{repeats}}_{{subject}} {{class}}' such as '50_meeb person' "
+            "(images directly in it are not used)"
         )
     loose = [entry for entry in entries if _is_image_file(entry)]
     if loose:
@@ -202,6 +205,11 @@ def _sorted_entries(folder: Path) -> Iterator[Path]:
     return (folder / name for name in names)
 
 
+def _path_text(path: Path) -> str:
+    """A folder or file name in a one-line message: a name may hold a newline."""
+    return shown(str(path), limit=300)
+
+
 def _is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
 
@@ -217,7 +225,7 @@ def _scan_subset(
     paths = [entry for entry in _sorted_entries(folder) if _is_image_file(entry)]
     if not paths:
         raise DataError(
-            f"folder {folder} has no images ({', '.join(IMAGE_EXTENSIONS)}): "
+            f"folder {_path_text(folder)} has no images ({', '.join(IMAGE_EXTENSIONS)}): "
             "add images or remove the folder"
         )
     images = []
@@ -258,7 +266,8 @@ def _inspect_image(path: Path) -> tuple[tuple[int, int], bool]:
             image.load()
     except IMAGE_ERRORS as error:
         raise DataError(
-            f"cannot read image {path}: {image_error_reason(error)}; remove or replace it"
+            f"cannot read image {_path_text(path)}: {image_error_reason(error)}; "
+            "remove or replace it"
         ) from error
     return size, has_alpha
 

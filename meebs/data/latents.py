@@ -22,11 +22,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from meebs.data.images import load_image
 from meebs.errors import MeebsError
+from meebs.files.atomic_write import make_folder, remove_temps
 from meebs.files.hash_cache import cache_file
 from meebs.files.safetensors_io import save_file_atomic
 
 # Bump when preprocessing or encoding changes: every cached latent is then a miss.
 LATENT_FORMAT = 1
+STALE_TEMP_S = 3600  # an entry is written in milliseconds
 
 
 def latent_shape(vae_config, width: int, height: int) -> tuple[int, int, int]:
@@ -112,6 +114,16 @@ class LatentCache:
         self.device = next(vae.parameters()).device
         self.encoded = self.reused = 0
         self.warnings: list[str] = []
+        if store is not None and store.is_dir():
+            self._remove_stale_temps(store)
+
+    @staticmethod
+    def _remove_stale_temps(store: Path) -> None:
+        """Temp files of processes killed while writing an entry. They are never read (an
+        entry is renamed to its address only when whole); a young one may be another
+        live run's, so only those older than any write could take are removed."""
+        for folder in store.iterdir():
+            remove_temps(folder, older_than_s=STALE_TEMP_S)
 
     def fill(self, variants: Iterable[Variant]) -> Iterator[int]:
         """Load or encode every missing variant; yields the number done (a progress bar)."""
@@ -173,7 +185,7 @@ class LatentCache:
         if file is None:
             return
         try:
-            file.parent.mkdir(parents=True, exist_ok=True)
+            make_folder(file.parent)  # (two processes may make it at once: both succeed)
             save_file_atomic(
                 {"latent": latent.contiguous()}, file, {"address": address}, overwrite=True
             )

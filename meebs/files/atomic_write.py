@@ -1,8 +1,12 @@
 """Writing a file so that it is either complete or absent, never half-written.
 
-Every output goes to a hidden temp file in the target's folder, is fsynced, then renamed
-over the target (atomic on POSIX). A full disk or a permission problem becomes one clear
-`MeebsError` naming the file, and the temp file is removed, also on Ctrl-C.
+Every output goes to a hidden temp file in the target's folder (`.NAME.RANDOM.tmp`, a
+name no other writer can pick), is fsynced, then renamed over the target (atomic on
+POSIX), and the folder is fsynced so the rename itself survives a power cut; a folder
+made for outputs is fsynced into its parent too. A full disk or a permission problem
+becomes one clear `MeebsError` naming the file, and the temp file is removed, also on
+Ctrl-C. Only a process killed mid-write (SIGKILL, a power cut) leaves its temp file
+behind: never read as an output, and removed by `remove_temps`.
 
 `tempfile` creates files 0600 and folders 0700 (it cannot know they will be renamed into
 place); every output is opened up to what the user's umask allows, like any other tool's
@@ -12,9 +16,11 @@ place); every output is opened up to what the user's umask allows, like any othe
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -44,12 +50,17 @@ def folder_mode() -> int:
 
 
 def make_folder(path: Path, fix: str = "fix the permissions of the folder above it") -> None:
-    """`mkdir -p path`; a permission problem or a full disk is one line naming the folder
-    and `fix`."""
+    """`mkdir -p path`, each new folder fsynced into its parent (a file fsynced into a
+    folder that a power cut then loses would be lost with it); a permission problem or
+    a full disk is one line naming the folder and `fix`."""
+    path = Path(path)
+    missing = list(itertools.takewhile(lambda f: not f.is_dir(), (path, *path.parents)))
     try:
-        Path(path).mkdir(parents=True, exist_ok=True)
+        path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise folder_error(str(path), exc, fix) from None
+    for folder in reversed(missing):
+        sync_folder(folder.parent)
 
 
 def make_temp_folder(parent: Path, prefix: str, suffix: str = "") -> Path:
@@ -70,6 +81,7 @@ def folder_error(what: str, exc: OSError, fix: str) -> MeebsError:
 
 
 def write_atomic(path: Path, chunks: Iterable[bytes | memoryview]) -> None:
+    """`path` holds `chunks` once this returns, durably; before, it holds what it held."""
     path = Path(path)
     temp_name = None
     try:
@@ -94,15 +106,29 @@ def write_atomic(path: Path, chunks: Iterable[bytes | memoryview]) -> None:
                 "permissions, then rerun (nothing was half-written)"
             ) from None
         raise
-    _fsync_directory(path.parent)
+    sync_folder(path.parent)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
     write_atomic(path, [text.encode("utf-8")])
 
 
-def _fsync_directory(folder: Path) -> None:
-    """Make the rename itself durable (POSIX); a no-op where folders cannot be opened."""
+def remove_temps(folder: Path, older_than_s: float | None = None) -> int:
+    """Remove the temp files of writes killed midway in `folder`; returns how many.
+    `older_than_s` spares younger ones, which a live process may still be writing (in a
+    folder several processes write, like the latent cache)."""
+    removed, now = 0, time.time()
+    for temp in Path(folder).glob(".*.tmp"):
+        with contextlib.suppress(OSError):  # gone meanwhile, or not a file
+            if older_than_s is None or now - temp.stat().st_mtime > older_than_s:
+                temp.unlink()
+                removed += 1
+    return removed
+
+
+def sync_folder(folder: Path) -> None:
+    """Make a rename or a new entry in `folder` durable (POSIX); a no-op where folders
+    cannot be opened."""
     with contextlib.suppress(OSError):
         descriptor = os.open(folder, os.O_RDONLY)
         try:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from meebs.errors import MeebsError
-from meebs.files.atomic_write import write_text_atomic
+from meebs.files.atomic_write import make_folder, write_text_atomic
 
 CACHE_DIR_ENV = "MEEBS_CACHE_DIR"
 CACHE_NAME = "hashes.json"
@@ -112,7 +112,7 @@ def _record(key: str, entry: dict[str, Any]) -> None:
     entries = {name: value for name, value in entries.items() if _exists(name)}
     text = json.dumps({"version": _VERSION, "files": entries}, indent=1, sort_keys=True)
     with contextlib.suppress(OSError, MeebsError):
-        file.parent.mkdir(parents=True, exist_ok=True)
+        make_folder(file.parent)
         write_text_atomic(file, text + "\n")
 
 

@@ -20,6 +20,7 @@ cannot be converted stops with one line naming the key and the fix.
 
 from __future__ import annotations
 
+import functools
 import json
 import typing
 from collections.abc import Callable
@@ -29,7 +30,7 @@ from typing import Any
 import yaml
 
 from meebs.errors import MeebsError, RecipeError
-from meebs.files.text_files import read_text
+from meebs.files.text_files import JsonLimitError, load_json, read_text, shown
 from meebs.interop.kohya_export import EXPORTS
 from meebs.interop.kohya_keys import (
     LORA_TYPES,
@@ -67,6 +68,7 @@ CONV_KEYS = {
 }
 
 
+@functools.cache  # typing.get_type_hints is slow: half of an import's time, uncached
 def _choices(recipe_key: str) -> tuple[Any, ...]:
     """The values a recipe key allows when it is a fixed list (Literal), else ()."""
     section, name = recipe_key.split(".")
@@ -112,8 +114,10 @@ class _Importer:
     def unconverted(self) -> list[str]:
         """One line each for the keys set to something and for those left empty or off."""
         rest = {key: self.config[key] for key in sorted(self.config) if key not in self.used}
-        active = [f"{key}={value_text(value)}" for key, value in rest.items() if value not in _OFF]
-        off = [key for key, value in rest.items() if value in _OFF]
+        active = [
+            f"{shown(key)}={value_text(value)}" for key, value in rest.items() if value not in _OFF
+        ]
+        off = [shown(key) for key, value in rest.items() if value in _OFF]
         lines = []
         if active:
             lines.append("not converted (no meebs equivalent): " + ", ".join(active))
@@ -142,7 +146,9 @@ def import_kohya(path: Path) -> Converted:
         recipe_prompts(recipe)
     except RecipeError as error:
         raise MeebsError(f"kohya_ss key sample_prompts: {error}") from None
-    header = f"# converted by `import-kohya {path.name}`; every key: python entrypoint.py keys\n"
+    header = (
+        f"# converted by `import-kohya {shown(path.name)}`; every key: python entrypoint.py keys\n"
+    )
     body = yaml.safe_dump(_in_recipe_order(importer.raw), sort_keys=False, allow_unicode=True)
     return Converted(header + body, (*importer.notes, *importer.unconverted()))
 
@@ -174,12 +180,14 @@ def _read_config(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise MeebsError(f"{path}: kohya_ss config not found")
     try:
-        config = json.loads(read_text(path, "kohya_ss config"))
+        config = load_json(read_text(path, "kohya_ss config"))
     except json.JSONDecodeError as error:
         raise MeebsError(
             f"{path}: invalid JSON at line {error.lineno} column {error.colno} ({error.msg}); "
             "give the file the GUI's 'Save config' wrote"
         ) from None
+    except JsonLimitError as error:
+        raise MeebsError(f"{path}: {error}; give the file the GUI's 'Save config' wrote") from None
     if not isinstance(config, dict):
         raise MeebsError(f"{path}: a kohya_ss config is a JSON object of settings")
     for flag in ("v2", "v_parameterization", "sdxl"):
@@ -203,10 +211,11 @@ def _import_network(importer: _Importer) -> None:
                 f"LoRA_type Standard trains no k x k convs: ignored {', '.join(ignored)}"
             )
         return
-    if lora_type not in LORA_TYPES:
+    if not isinstance(lora_type, str) or lora_type not in LORA_TYPES:
         allowed = ", ".join([*LORA_TYPES, STANDARD])
         raise MeebsError(
-            f"kohya_ss key LoRA_type: {lora_type!r} is not supported; use one of {allowed}"
+            f"kohya_ss key LoRA_type: {value_text(lora_type)} is not supported; "
+            f"use one of {allowed}"
         )
     importer.put("network.algo", LORA_TYPES[lora_type])
     importer.simple(CONV_KEYS)
@@ -276,8 +285,8 @@ def _import_schedule(importer: _Importer) -> None:
         )
     if steps is not None and to_int("max_train_steps", steps) > 0:
         importer.notes.append(
-            f"max_train_steps {steps}: meebs trains whole epochs; set train.epochs so that "
-            "`plan` shows about that many steps"
+            f"max_train_steps {shown(steps)}: meebs trains whole epochs; "
+            "set train.epochs so that `plan` shows about that many steps"
         )
     cycles = importer.take("lr_scheduler_num_cycles")
     if cycles is None:
@@ -305,9 +314,9 @@ def _import_learning_rates(importer: _Importer) -> None:
 def _import_precision_and_speed(importer: _Importer) -> None:
     precision = importer.take("save_precision")
     if precision is not None:
-        if precision not in SAVE_PRECISIONS:
+        if not isinstance(precision, str) or precision not in SAVE_PRECISIONS:
             raise MeebsError(
-                f"kohya_ss key save_precision: {precision!r} is not one of "
+                f"kohya_ss key save_precision: {value_text(precision)} is not one of "
                 f"{', '.join(SAVE_PRECISIONS)}"
             )
         importer.put("output.save_precision", SAVE_PRECISIONS[precision])
@@ -328,8 +337,8 @@ def _import_precision_and_speed(importer: _Importer) -> None:
         importer.put("train.noise_offset", to_float("noise_offset", offset))
     elif offset_type != "Original":
         importer.notes.append(
-            f"noise_offset_type {offset_type}: meebs has the Original noise offset only; "
-            "the recipe trains without one"
+            f"noise_offset_type {shown(offset_type)}: meebs has the Original noise "
+            "offset only; the recipe trains without one"
         )
 
 
@@ -353,7 +362,7 @@ def _import_outputs(importer: _Importer) -> None:
     importer.put("data.caption_extension", ".caption" if extension is None else extension)
     file_format = importer.take("save_model_as")
     if file_format not in (None, "safetensors"):
-        importer.notes.append(f"save_model_as {file_format}: meebs writes .safetensors only")
+        importer.notes.append(f"save_model_as {shown(file_format)}: meebs writes .safetensors only")
 
 
 def _import_samples(importer: _Importer) -> None:

@@ -37,8 +37,11 @@ class Converted:
 # --------------------------------------------------------------------------- values
 
 
-def value_text(value: Any) -> str:
-    return json.dumps(value) if not isinstance(value, str) else repr(value)
+def value_text(value: Any, limit: int = 80) -> str:
+    """`value` as the config writes it (a string repr'd) for a one-line message: cut to
+    `limit` characters, since a config may hold a megabyte where a number belongs."""
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-2:]}"
 
 
 def value_error(key: str, value: Any, wanted: str) -> MeebsError:
@@ -140,11 +143,20 @@ def parse_optimizer_args(text: str) -> dict[str, Any]:
     return args
 
 
+# No optimizer argument is longer; Python's parser runs out of memory on a few thousand
+# nested '-' or '(' (MemoryError, RecursionError), and ast.literal_eval accepts {[]: 1}
+# only to raise TypeError.
+MAX_LITERAL = 100
+
+
 def _literal(text: str) -> Any:
-    """A Python literal as kohya reads it (ast.literal_eval), else the text itself."""
+    """A Python literal as kohya reads it (ast.literal_eval), else the text itself. The
+    recipe check refuses what a recipe cannot hold (a set, bytes, NaN)."""
+    if len(text) > MAX_LITERAL:
+        return text
     try:
         return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
+    except (ValueError, SyntaxError, TypeError):
         return text
 
 

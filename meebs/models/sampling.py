@@ -36,8 +36,8 @@ from diffusers import (
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from PIL import Image
 
-from meebs.errors import RecipeError
-from meebs.files.text_files import read_text
+from meebs.errors import RecipeError, quoted
+from meebs.files.text_files import read_text, shown
 from meebs.models.text_encoding import encode, tokenize
 from meebs.recipe.schema import Recipe
 
@@ -128,7 +128,7 @@ def normalize_sampler(name: str) -> str:
     if key.lower() in by_lower:
         return by_lower[key.lower()]
     raise RecipeError(
-        f"unknown sampler {name!r}; allowed: {_allowed_sampler_names()} "
+        f"unknown sampler {quoted(name)}; allowed: {_allowed_sampler_names()} "
         f"(or kohya's {', '.join(SAMPLER_ALIASES)})"
     )
 
@@ -159,16 +159,22 @@ class SamplePrompt:
     sampler: str
 
     def __post_init__(self) -> None:
-        where = f"sample prompt {self.prompt!r}"
+        where = f"sample prompt {quoted(self.prompt)}"
         for field, size in (("width (--w)", self.width), ("height (--h)", self.height)):
             if size <= 0 or size % 8:
-                raise RecipeError(f"{where}: {field} {size} must be a positive multiple of 8")
+                raise RecipeError(
+                    f"{where}: {field} {quoted(size)} must be a positive multiple of 8"
+                )
         if not 1 <= self.steps <= 1000:
-            raise RecipeError(f"{where}: steps (--s) {self.steps} must be between 1 and 1000")
+            raise RecipeError(
+                f"{where}: steps (--s) {quoted(self.steps)} must be between 1 and 1000"
+            )
         if not (math.isfinite(self.cfg) and self.cfg >= 0):
-            raise RecipeError(f"{where}: cfg (--l) {self.cfg} must be a number >= 0")
-        if self.seed < 0:
-            raise RecipeError(f"{where}: seed (--d) {self.seed} must be >= 0")
+            raise RecipeError(f"{where}: cfg (--l) {quoted(self.cfg)} must be a number >= 0")
+        if not 0 <= self.seed < 2**64:  # torch.Generator.manual_seed's range
+            raise RecipeError(
+                f"{where}: seed (--d) {quoted(self.seed)} must be between 0 and 2**64 - 1"
+            )
         try:
             sampler = normalize_sampler(self.sampler)
         except RecipeError as error:
@@ -204,7 +210,9 @@ def parse_kohya_prompt(line: str, defaults: SamplePrompt) -> SamplePrompt:
     prompt, *flags = _FLAG_SPLIT.split(line.strip())
     prompt = prompt.strip()
     if not prompt:
-        raise RecipeError(f"sample prompt line {line.strip()!r} has no prompt before its flags")
+        raise RecipeError(
+            f"sample prompt line {quoted(line.strip())} has no prompt before its flags"
+        )
     values: dict[str, object] = {"prompt": prompt}
     for flag_text in flags:
         flag, _, raw = flag_text.strip().partition(" ")
@@ -213,7 +221,7 @@ def parse_kohya_prompt(line: str, defaults: SamplePrompt) -> SamplePrompt:
             values[field] = parse(raw.strip())
         except ValueError:
             raise RecipeError(
-                f"sample prompt {prompt!r}: --{flag} {raw!r} is not {wanted}"
+                f"sample prompt {quoted(prompt)}: --{shown(flag)} {quoted(raw)} is not {wanted}"
             ) from None
     return dataclasses.replace(defaults, **values)
 
@@ -221,7 +229,9 @@ def parse_kohya_prompt(line: str, defaults: SamplePrompt) -> SamplePrompt:
 def _flag_spec(prompt: str, flag: str) -> tuple[str, type, str]:
     if flag not in _FLAGS:
         allowed = " ".join(f"--{name}" for name in _FLAGS)
-        raise RecipeError(f"sample prompt {prompt!r}: unknown flag --{flag}; allowed: {allowed}")
+        raise RecipeError(
+            f"sample prompt {quoted(prompt)}: unknown flag --{shown(flag)}; allowed: {allowed}"
+        )
     return _FLAGS[flag]
 
 

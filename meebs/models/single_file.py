@@ -25,6 +25,7 @@ from torch import nn
 from transformers import CLIPTextModel
 
 from meebs.errors import ModelError
+from meebs.files.safetensors_io import UnreadableFile, read_header, shown
 from meebs.models.base import (
     SD15_CONFIGS,
     BaseModel,
@@ -51,6 +52,7 @@ TEXT_PREFIX = "cond_stage_model.transformer."
 CROSS_ATTENTION_KEY = UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
 CONV_IN_KEY = UNET_PREFIX + "input_blocks.0.0.weight"
 SD1_CONTEXT_WIDTH = 768
+WEIGHT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 
 
 def load_file(path: Path, pin: str | None, allow_pickle: bool) -> BaseModel:
@@ -68,6 +70,7 @@ def load_file(path: Path, pin: str | None, allow_pickle: bool) -> BaseModel:
     else:
         check_sd1_layout(path, _safetensors_shapes(path))
         state = _read_safetensors(path)
+    check_weight_dtypes(path, state)
     unet, vae, text_encoder = parts_from_ldm(state, SD15_CONFIGS, path)
     return BaseModel(
         unet=unet,
@@ -83,19 +86,39 @@ def load_file(path: Path, pin: str | None, allow_pickle: bool) -> BaseModel:
 
 
 def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor names and shapes from the header only: no weights are read."""
+    """Tensor names and shapes from the header only (checked: `read_header`)."""
     try:
-        with safe_open(path, framework="pt") as handle:
-            return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError) as err:
-        raise unreadable(path, f"bad safetensors header: {first_line(err)}") from None
+        header = read_header(path)
+    except UnreadableFile as err:
+        raise unreadable(path, f"bad safetensors header: {err.reason}") from None
+    return {key: entry.shape for key, entry in header.tensors.items()}
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of the three SD parts; EMA copies and other extras are never read."""
     prefixes = (UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX)
-    with safe_open(path, framework="pt") as handle:
-        return {key: handle.get_tensor(key) for key in handle.keys() if key.startswith(prefixes)}  # noqa: SIM118
+    try:
+        with safe_open(path, framework="pt") as handle:
+            keys = [key for key in handle.keys() if key.startswith(prefixes)]  # noqa: SIM118
+            return {key: handle.get_tensor(key) for key in keys}
+    except (SafetensorError, OSError) as err:
+        raise unreadable(path, f"bad safetensors data: {first_line(err)[:200]}") from None
+
+
+def check_weight_dtypes(path: Path, state: dict[str, torch.Tensor]) -> None:
+    """Refuse integer, bool and 8-bit weights in the three parts: loaded with `assign=True`
+    they would make an integer model that fails at the first step, or a quantized one
+    without its scale. `position_ids` is an integer buffer by nature."""
+    prefixes = (UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX)
+    for key in sorted(state):
+        dtype = state[key].dtype
+        weight = key.startswith(prefixes) and not key.endswith("position_ids")
+        if weight and dtype not in WEIGHT_DTYPES:
+            raise ModelError(
+                f"{path}: {shown(key)} is {str(dtype).removeprefix('torch.')}; SD weights "
+                "must be float16, bfloat16, float32 or float64: use an unquantized "
+                "SD 1.x checkpoint"
+            )
 
 
 def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
@@ -118,11 +141,12 @@ def check_sd1_layout(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
         return any(key.startswith(prefix) for key in shapes)
 
     context = shapes.get(CROSS_ATTENTION_KEY)
+    width = context[-1] if context and len(context) == 2 else None
     if has("conditioner.embedders."):
         raise not_sd1(path, "an SDXL checkpoint")
-    if has("cond_stage_model.model.") or (context is not None and context[-1] == 1024):
+    if has("cond_stage_model.model.") or width == 1024:
         raise not_sd1(path, "an SD 2.x checkpoint (OpenCLIP text encoder, 1024-wide context)")
-    if context is None or context[-1] != SD1_CONTEXT_WIDTH:
+    if width != SD1_CONTEXT_WIDTH:
         raise unreadable(
             path,
             f"no SD 1.x UNet: {CROSS_ATTENTION_KEY} is missing or not {SD1_CONTEXT_WIDTH} wide",
@@ -134,7 +158,7 @@ def check_sd1_layout(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
                 "not a UNet-only file"
             )
     conv_in = shapes.get(CONV_IN_KEY)
-    if conv_in is not None and conv_in[1] != 4:
+    if conv_in is not None and len(conv_in) == 4 and conv_in[1] != 4:
         raise not_sd1(
             path, f"an SD 1.x inpainting or edit model ({conv_in[1]} UNet input channels, not 4)"
         )
@@ -178,14 +202,21 @@ def _load_strict(
     try:
         result = module.load_state_dict(convert(), strict=False, assign=True)
     except (KeyError, IndexError, RuntimeError) as err:
-        reason = first_line(err)
-        raise ModelError(f"{path}: its {part} weights do not fit SD 1.5 ({reason})") from None
+        raise ModelError(f"{path}: its {part} weights do not fit SD 1.5 ({_detail(err)})") from None
     if result.missing_keys or result.unexpected_keys:
         raise ModelError(
             f"{path}: its {part} weights do not match SD 1.5 "
             f"({_sample(result.missing_keys)} missing, {_sample(result.unexpected_keys)} "
             "unexpected): use an unmodified SD 1.x checkpoint"
         )
+
+
+def _detail(err: BaseException) -> str:
+    """torch's "Error(s) in loading state_dict for X:" says nothing; the line after it
+    names the first key and both shapes."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    detail = lines[1] if len(lines) > 1 and lines[0].endswith(":") else first_line(err)
+    return detail[:300]
 
 
 def _sample(keys: Collection[str]) -> str:

@@ -13,70 +13,56 @@ and that every module fits a layer of this model in shape. The message names the
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from lycoris.kohya import LycorisNetworkKohya
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from meebs.errors import MeebsError
+from meebs.files.safetensors_io import shown
 from meebs.models.base import BaseModel
 from meebs.network.build import load_network_file, lycoris_text_encoder
-
-UNET_PREFIX = "lora_unet_"
-TE_PREFIX = "lora_te_"
-# Tensor-name markers of each algorithm, as kohya and LyCORIS write them.
-ALGO_MARKERS = {"hada_": "LoHA", "lokr_": "LoKr", "lora_down": "LoRA/LoCon"}
-_SDXL_PREFIXES = ("lora_te1_", "lora_te2_")
+from meebs.network.network_file import (
+    ALGO_MARKERS,
+    TE_PREFIX,
+    UNET_PREFIX,
+    change_text,
+    misfit,
+    modules_of,
+    read_network_header,
+)
 
 
 def read_shapes(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
     """(tensor shapes, metadata) of a network file, reading no tensor data.
 
-    MeebsError when the file is not safetensors, holds no network tensors, or is a
-    network for SDXL.
+    MeebsError when the file is not safetensors, holds no network tensors, is a network
+    for SDXL, or has a dtype or factor shapes no loader can use rightly
+    (`meebs.network.network_file`).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise MeebsError(f"network file {path} does not exist")
-    try:
-        with safe_open(path, framework="pt") as stream:
-            shapes = {key: tuple(stream.get_slice(key).get_shape()) for key in stream.keys()}  # noqa: SIM118 (not iterable)
-            metadata = stream.metadata() or {}
-    except (SafetensorError, OSError) as error:
-        raise MeebsError(f"{path} is not a readable safetensors file ({error})") from None
-    if not any(marker in key for key in shapes for marker in ALGO_MARKERS):
-        raise MeebsError(
-            f"{path} is not a LoRA/LyCORIS network: none of its {len(shapes)} tensors is "
-            f"a {'/'.join(ALGO_MARKERS)}* weight"
-        )
-    sdxl = next((key for key in sorted(shapes) if key.startswith(_SDXL_PREFIXES)), None)
-    if sdxl or metadata.get("ss_base_model_version", "").startswith("sdxl"):
-        where = f"key {sdxl}" if sdxl else "ss_base_model_version"
-        raise MeebsError(f"{path} is an SDXL network ({where}); meebs generates with SD 1.x")
-    return shapes, metadata
+    header = read_network_header(path)
+    return header.shapes, header.metadata
 
 
 def check_fits(path: Path, shapes: dict[str, tuple[int, ...]], base: BaseModel) -> None:
     """MeebsError naming the first key that has no layer, or the wrong shape, in `base`."""
     layers = _layers(base)
-    for key in sorted(shapes):
-        module = key.split(".")[0]
+    for module, factors in sorted(modules_of(shapes).items()):
         if not module.startswith((UNET_PREFIX, TE_PREFIX)):
             continue
         weight = getattr(layers.get(module), "weight", None)
         if weight is None:
+            key = f"{module}.{min(factors)}"
             raise MeebsError(
-                f"{path}: key {key} matches no layer of this model "
+                f"{path}: key {shown(key)} matches no layer of this model "
                 "(a network for another architecture?)"
             )
-        want = (weight.shape[0], math.prod(weight.shape[1:]))
-        have = _delta_shape(shapes, module)
-        if have is not None and have != want:
+        problem = misfit(module, factors, tuple(weight.shape))
+        if problem:
+            have, why = problem
             raise MeebsError(
-                f"{path}: key {module}.* makes a {have[0]}x{have[1]} change, but that layer "
-                f"of this model is {list(weight.shape)} (a network for another model size?)"
+                f"{path}: key {shown(module)}.* makes a {change_text(have)} change, but that "
+                f"layer of this model is {list(weight.shape)} ({why})"
             )
 
 
@@ -118,14 +104,3 @@ def _layers(base: BaseModel) -> dict[str, nn.Module]:
         for name, module in part.named_modules()
         if name
     }
-
-
-def _delta_shape(shapes: dict[str, tuple[int, ...]], module: str) -> tuple[int, int] | None:
-    """(out, in·kernel) of the module's weight change; None where Tucker hides it."""
-    if f"{module}.hada_t1" in shapes or f"{module}.lora_mid.weight" in shapes:
-        return None
-    for out_key, in_key in (("hada_w1_a", "hada_w1_b"), ("lora_up.weight", "lora_down.weight")):
-        up, down = shapes.get(f"{module}.{out_key}"), shapes.get(f"{module}.{in_key}")
-        if up is not None and down is not None:
-            return up[0], math.prod(down[1:])
-    return None

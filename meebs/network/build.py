@@ -24,12 +24,17 @@ from pathlib import Path
 
 import torch
 from lycoris.kohya import LycorisNetworkKohya, create_network_from_weights
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from meebs.errors import MeebsError, RecipeError, TrainingDiverged
-from meebs.files.safetensors_io import save_file_atomic
+from meebs.files.safetensors_io import save_file_atomic, shown
+from meebs.network.network_file import (
+    change_text,
+    load_network_tensors,
+    misfit,
+    modules_of,
+    with_implied_alphas,
+)
 
 # lycoris sets its logger to INFO when imported and logs every module it creates: keep
 # its warnings, drop the chatter.
@@ -241,12 +246,13 @@ def _name(dtype: torch.dtype) -> str:
 def load_network_weights(network: LycorisNetworkKohya, path: Path) -> None:
     """Start training from an existing network file (kohya's `network_weights`).
 
-    Every tensor of the file must have a place of the same shape in `network`, and the
-    alphas must agree (lycoris fixes each module's scale when it is built, so a copied
-    alpha would be ignored). Modules the file lacks keep their fresh init.
+    The file is checked as every network file is (`load_network_tensors`: dtypes, NaN,
+    factors that multiply). Every tensor must have a place of the same shape in
+    `network`, and the alphas must agree (lycoris fixes each module's scale when it is
+    built, so a copied alpha would be ignored). Modules the file lacks keep their init.
     """
     path = Path(path)
-    stored = load_tensors(path)
+    stored = with_implied_alphas(load_network_tensors(path))
     _check_fits(network, path, stored)
     weights = {key: value for key, value in stored.items() if not key.endswith(".alpha")}
     with torch.no_grad():
@@ -263,17 +269,23 @@ def load_network_file(
     matches no layer of the model is an error here, not a silently dropped key.
     """
     path = Path(path)
-    weights = load_tensors(path)
+    weights = with_implied_alphas(load_network_tensors(path))
     apply_sd15_preset()
     wrapped_text_encoder = lycoris_text_encoder(text_encoder)
-    network, _ = create_network_from_weights(
-        multiplier, str(path), None, wrapped_text_encoder, unet, weights_sd=weights
-    )
+    try:
+        network, _ = create_network_from_weights(
+            multiplier, str(path), None, wrapped_text_encoder, unet, weights_sd=weights
+        )
+    except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as error:
+        # Another algorithm's module (LoKr, DoRA...) whose shapes do not fit the layer.
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise MeebsError(f"{path}: lycoris cannot build a module from it ({reason})") from None
     loaded = {lora.lora_name for lora in network.unet_loras + network.text_encoder_loras}
     unplaced = sorted({key.split(".")[0] for key in weights} - loaded)
     if unplaced:
         raise MeebsError(
-            f"{path}: {len(unplaced)} modules match no layer of this model, e.g. {unplaced[0]}"
+            f"{path}: {len(unplaced)} modules match no layer of this model, "
+            f"e.g. {shown(unplaced[0])}"
         )
     network.apply_to(wrapped_text_encoder, unet, apply_text_encoder=True, apply_unet=True)
     return network
@@ -284,29 +296,32 @@ def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else str(value)
 
 
-def load_tensors(path: Path) -> dict[str, Tensor]:
-    try:
-        return load_file(path)
-    except FileNotFoundError:
-        raise MeebsError(f"network file {path} does not exist") from None
-    except (SafetensorError, OSError) as error:
-        raise MeebsError(f"{path} is not a readable safetensors file ({error})") from None
-
-
 def _check_fits(network: LycorisNetworkKohya, path: Path, stored: dict[str, Tensor]) -> None:
     """Raise MeebsError naming the first way the file's tensors do not fit `network`."""
     expected = network.state_dict()
     foreign = sorted(set(stored) - set(expected))
     if foreign:
         raise MeebsError(
-            f"{path} does not fit this network: {len(foreign)} tensors such as {foreign[0]} "
+            f"{path} does not fit this network: {len(foreign)} tensors such as "
+            f"{shown(foreign[0])} "
             "have no place in it (trained with another algo, preset, use_tucker or parts?)"
         )
+    layers = {lora.lora_name: tuple(lora.shape) for lora in network.loras}
+    shapes = {key: tuple(tensor.shape) for key, tensor in stored.items()}
+    for module, factors in sorted(modules_of(shapes).items()):
+        problem = misfit(module, factors, layers[module]) if module in layers else None
+        if problem:
+            have, why = problem
+            raise MeebsError(
+                f"{path}: {module}.* makes a {change_text(have)} change, but that layer of "
+                f"this model is {list(layers[module])} ({why})"
+            )
     for key in sorted(stored, key=lambda name: not name.endswith(_RANK_SUFFIXES)):
         have, want = stored[key], expected[key]
-        if have.shape != want.shape:
+        alpha = key.endswith(".alpha")  # one number (checked), [] or [1]
+        if have.shape != want.shape and not alpha:
             raise MeebsError(f"{path} {_shape_mismatch(network, key, have, want)}")
-        if key.endswith(".alpha") and not math.isclose(have.item(), want.item(), rel_tol=1e-3):
+        if alpha and not math.isclose(have.item(), want.item(), rel_tol=1e-3):
             raise MeebsError(
                 f"{path} was trained with alpha {have.item():g}, the recipe says "
                 f"alpha {want.item():g} ({key})"
@@ -314,8 +329,9 @@ def _check_fits(network: LycorisNetworkKohya, path: Path, stored: dict[str, Tens
 
 
 def _shape_mismatch(network: LycorisNetworkKohya, key: str, have: Tensor, want: Tensor) -> str:
-    """Explain a shape mismatch in recipe terms where the tensor carries the rank."""
-    if not key.endswith(_RANK_SUFFIXES):
+    """Explain a shape mismatch in recipe terms where only the rank differs."""
+    same_rank = have.dim() != want.dim() or have.shape[0] == want.shape[0]
+    if not key.endswith(_RANK_SUFFIXES) or same_rank or have.shape[1:] != want.shape[1:]:
         return f"has {key} of shape {list(have.shape)}, this network needs {list(want.shape)}"
     module_name = key.split(".")[0]
     shape = next(lora.shape for lora in network.loras if lora.lora_name == module_name)

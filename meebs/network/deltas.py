@@ -13,15 +13,12 @@ rank is `hada_w1_b.shape[0]` / `lora_down.weight.shape[0]`; no alpha means scale
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from meebs.errors import MeebsError
+from meebs.network.network_file import LOHA_FACTORS, LORA_FACTORS, misfit, shape_text
 
-LOHA_FACTORS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
-LORA_FACTORS = ("lora_up.weight", "lora_down.weight")
 # The tensor that says a module key belongs to a network we know how to merge.
 MARKERS = ("hada_w1_a", "lora_down.weight")
 
@@ -29,8 +26,13 @@ MARKERS = ("hada_w1_a", "lora_down.weight")
 def module_delta(module_key: str, tensors: dict[str, Tensor], shape: torch.Size) -> Tensor:
     """dW for the layer `module_key`, whose weight has `shape`; `tensors` are keyed by suffix.
 
-    A module whose factors do not rebuild `shape` is a MeebsError naming key and shapes.
+    A module whose factors do not rebuild `shape` is a MeebsError naming key and shapes,
+    found from the shapes before any product is computed: a 256 KiB file whose factors
+    are [65536, 1] and [1, 65536] would otherwise allocate a 16 GiB delta. A product of
+    the right element count in another layout (transposed factors) is refused, never
+    reshaped, unlike A1111.
     """
+    _check_fit(module_key, tensors, shape)
     fp32 = {suffix: tensor.float() for suffix, tensor in tensors.items()}
     if "hada_w1_a" in fp32:
         delta, rank = _loha(module_key, fp32), fp32["hada_w1_b"].shape[0]
@@ -41,14 +43,31 @@ def module_delta(module_key: str, tensors: dict[str, Tensor], shape: torch.Size)
             f"{module_key}: unsupported network module ({', '.join(sorted(tensors))}); "
             "only LoHA, LoCon and LoRA can be merged"
         )
-    if delta.numel() != math.prod(shape):
-        raise MeebsError(
-            f"{module_key}: its factors rebuild a {list(delta.shape)} delta, the layer's weight "
-            f"is {list(shape)}: the network was trained for another model"
-        )
     alpha = fp32.get("alpha")
     scale = 1.0 if alpha is None else alpha.item() / rank
-    return delta.reshape(shape) * scale
+    delta = delta.reshape(shape) * scale
+    if not torch.isfinite(delta).all():
+        raise MeebsError(
+            f"{module_key}: its change overflows to inf (factors up to "
+            f"{max(t.abs().max().item() for t in fp32.values()):.3g}); a merged checkpoint "
+            "would draw black: the file is damaged"
+        )
+    return delta
+
+
+def _check_fit(module_key: str, tensors: dict[str, Tensor], shape: torch.Size) -> None:
+    factors = {suffix: tuple(tensor.shape) for suffix, tensor in tensors.items()}
+    if "hada_w1_a" in factors:
+        _require(module_key, tensors, LOHA_FACTORS)
+    elif "lora_down.weight" in factors:
+        _require(module_key, tensors, LORA_FACTORS)
+    problem = misfit(module_key, factors, tuple(shape))
+    if problem:
+        have, why = problem
+        raise MeebsError(
+            f"{module_key}: its factors rebuild a {shape_text(have)} delta, the layer's "
+            f"weight is {list(shape)} ({why})"
+        )
 
 
 def _loha(module_key: str, t: dict[str, Tensor]) -> Tensor:

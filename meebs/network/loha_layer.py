@@ -11,6 +11,9 @@ Here the layer is one op on the effective weight `W + m*dW`:
   factors only; the backward rebuilds the effective weight (and, once more, the two
   products) instead of keeping a full-size weight per layer alive between forward and
   backward, so peak memory approaches the frozen weights alone.
+* "factored": never builds a full-size weight: the change goes through its exact rank
+  r1*r2 factors (meebs.network.loha_factored), layer by layer where that is cheaper,
+  "fast" elsewhere.
 * "lycoris": lycoris' own forward, kept as the reference the others are tested against.
 
 lycoris stays in charge of what it does well: the modules, their parameters, names,
@@ -29,30 +32,59 @@ import torch.nn.functional as F
 from lycoris.modules.loha import LohaModule
 from torch import Tensor, nn
 
-LAYER_PATHS = ("fast", "low-memory", "lycoris")
+from meebs.network.loha_factored import factored_forward, factored_pays
+
+LAYER_PATHS = ("factored", "fast", "low-memory", "lycoris")
 
 _TUCKER_REBUILD = "i j ..., j r, i p -> p r ..."
 
 
-def use_layer_path(loras: Sequence[nn.Module], path: str) -> int:
-    """Route every LoHA module in `loras` through `path`; returns how many now use it.
+def use_layer_path(loras: Sequence[nn.Module], path: str) -> dict[str, int]:
+    """Route every LoHA module in `loras` through `path`; returns how many layers each
+    path now computes (`layer_paths`).
 
     Call after lycoris has applied the network (its `apply_to` sets the org modules'
     forward); calling again with another path switches back and forth.
     """
+    _check(path)
+    for lora in loras:
+        taken = layer_path(lora, path)
+        if taken is not None:
+            route(lora, taken)
+    return layer_paths(loras, path)
+
+
+def route(lora: LohaModule, path: str) -> None:
+    """Compute `lora`'s layer through `path`, whatever `layer_path` would choose."""
+    _check(path)
+    org = lora.org_module[0]
+    org.forward = lora.forward if path == "lycoris" else functools.partial(_forward, lora, path)
+
+
+def layer_paths(loras: Sequence[nn.Module], path: str) -> dict[str, int]:
+    """How many layers each path computes when the recipe asks for `path` (`plan`)."""
+    _check(path)
+    taken = [layer_path(lora, path) for lora in loras]
+    return {name: taken.count(name) for name in LAYER_PATHS if name in taken}
+
+
+def layer_path(lora: nn.Module, path: str) -> str | None:
+    """The path that computes `lora`'s layer: `path`, except that "factored" takes a
+    layer only where `factored_pays` ("fast" elsewhere) and a module using a feature
+    only lycoris implements keeps lycoris' forward; None for a module that is no LoHA."""
+    _check(path)
+    if not isinstance(lora, LohaModule) or lora.not_supported:
+        return None
+    if not _supported(lora):
+        return "lycoris"
+    if path == "factored" and not factored_pays(lora):
+        return "fast"
+    return path
+
+
+def _check(path: str) -> None:
     if path not in LAYER_PATHS:
         raise ValueError(f"LoHA layer path {path!r} is not one of {', '.join(LAYER_PATHS)}")
-    routed = 0
-    for lora in loras:
-        if not isinstance(lora, LohaModule) or lora.not_supported:
-            continue
-        org = lora.org_module[0]
-        if path == "lycoris" or not _supported(lora):
-            org.forward = lora.forward
-            continue
-        org.forward = functools.partial(_forward, lora, path == "low-memory")
-        routed += 1
-    return routed
 
 
 def _supported(lora: LohaModule) -> bool:
@@ -67,13 +99,15 @@ def _supported(lora: LohaModule) -> bool:
     )
 
 
-def _forward(lora: LohaModule, low_memory: bool, x: Tensor, *args, **kwargs) -> Tensor:
+def _forward(lora: LohaModule, path: str, x: Tensor, *args, **kwargs) -> Tensor:
     org = lora.org_module[0]
     weight = org.weight.detach()
     bias = None if org.bias is None else org.bias.detach()
     gamma = lora.scale * float(lora.scalar) * lora.multiplier
+    if path == "factored":
+        return factored_forward(lora, gamma, x, _compute_dtype(x, weight))
     factors = _factors(lora)
-    if low_memory:
+    if path == "low-memory":
         return _LowMemoryLoha.apply(x, weight, bias, lora.op, lora.kw_dict, gamma, *factors)
     effective = _EffectiveWeight.apply(weight, gamma, *factors)
     compute = _compute_dtype(x, weight)

@@ -19,6 +19,7 @@ import torch
 
 from meebs.data.folders import DatasetScan
 from meebs.data.latents import latent_shape
+from meebs.network.loha_layer import layer_path
 from meebs.plan.sizes import EmptyModel, empty_model
 from meebs.plan.steps import bucket_assigner
 from meebs.recipe.schema import Recipe
@@ -76,8 +77,7 @@ def estimate_memory(
     frozen += _count(model.vae) * 4
     trained = _count(model.network)
     state = 4 + 4 + OPTIMIZER_STATE.get(train.optimizer, 8)
-    wrapped = sum(lora.org_module[0].weight.numel() for lora in model.network.loras)
-    layer = _layer_bytes(recipe, wrapped * compute_bytes)
+    layer = _layer_bytes(recipe, model.network.loras) * compute_bytes
     slope, intercept = ACTIVATIONS[train.gradient_checkpointing]
     width, height = recipe.data.resolution
     _, latent_height, latent_width = latent_shape(model.vae.config, width, height)
@@ -98,15 +98,18 @@ def _count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _layer_bytes(recipe: Recipe, effective_weights: int) -> float:
-    """With checkpointing the blocks' weights are rebuilt in the backward anyway (the
-    activations constant holds what stays); low-memory never keeps them."""
+def _layer_bytes(recipe: Recipe, loras) -> float:
+    """Numbers of the full-size weights the layer paths keep for the backward: one per
+    "fast" layer, 19% more per lycoris one, none for "factored" and "low-memory" ones.
+    With checkpointing the blocks' weights are rebuilt in the backward anyway (the
+    activations constant holds what stays)."""
     if recipe.network.algo != "loha" or recipe.train.gradient_checkpointing:
         return 0.0
-    path = recipe.train.loha_layer
-    if path == "low-memory":
-        return 0.0
-    return effective_weights * (LYCORIS_LAYER_FACTOR if path == "lycoris" else 1.0)
+    kept = {"fast": 1.0, "lycoris": LYCORIS_LAYER_FACTOR}
+    return sum(
+        lora.org_module[0].weight.numel() * kept.get(layer_path(lora, recipe.train.loha_layer), 0.0)
+        for lora in loras
+    )
 
 
 def _latent_bytes(recipe: Recipe, scan: DatasetScan, vae_config) -> int:

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from meebs.data.folders import DatasetScan
+from meebs.network.loha_layer import layer_paths
 from meebs.plan.memory import estimate_memory
 from meebs.plan.sizes import describe_sizes, empty_model, plan_file_sizes
 from meebs.plan.steps import Plan
@@ -73,6 +74,10 @@ def print_plan(recipe: Recipe, scan: DatasetScan, plan: Plan, console: Console) 
         console.print("A range: the final file names the epoch validation recommends.")
     for line in estimate_memory(recipe, scan, model).describe():
         console.print(line)
+    paths = layer_paths(model.network.loras, recipe.train.loha_layer)
+    if paths:
+        taken = ", ".join(f"{path} on {count}" for path, count in paths.items())
+        console.print(f"LoHA layers (train.loha_layer={recipe.train.loha_layer}): {taken}")
     if scan.held_out:
         _print_held_out(recipe, scan, plan, console)
     keep = recipe.output.keep_last_n_epochs

@@ -1,19 +1,24 @@
 """Checking a recipe strictly, because a typo that silently falls back to a default
 wastes a GPU-day: an unknown key, a wrong type, an out-of-range value or a combination
 that cannot work stops the run with one line naming the file, the key path and what is
-allowed.
+allowed. What the user wrote is echoed through `shown` and `quoted` (a key or value with a
+newline, or a megabyte of it, must not break that line), numbers must be finite, and
+`train.optimizer_args` holds plain JSON values only: the recipe's hash is its JSON.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import math
 import re
 import types
 import typing
 from typing import Any, Literal
 
-from meebs.errors import RecipeError
+from meebs.errors import RecipeError, quoted
+from meebs.files.text_files import MAX_INT_DIGITS, shown
 from meebs.recipe.schema import Recipe
 
 
@@ -25,7 +30,7 @@ def build_checked(cls: type, raw: Any, *, where: str, prefix: str, overridden: s
     if not isinstance(raw, dict):
         raise RecipeError(f"{where}: {prefix.rstrip('.') or 'recipe'}: expected a mapping")
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
+    hints = _type_hints(cls)
 
     def origin(key: str) -> str:
         return _origin(f"{prefix}{key}", where, overridden)
@@ -33,7 +38,7 @@ def build_checked(cls: type, raw: Any, *, where: str, prefix: str, overridden: s
     for key in raw:
         if key not in fields:
             suggestion = _suggest(key, fields, prefix)
-            raise RecipeError(f"{origin(key)}: {prefix}{key}: unknown key{suggestion}")
+            raise RecipeError(f"{origin(key)}: {shown(f'{prefix}{key}')}: unknown key{suggestion}")
     values = {}
     for name, f in fields.items():
         if name not in raw:
@@ -52,6 +57,12 @@ def build_checked(cls: type, raw: Any, *, where: str, prefix: str, overridden: s
     return recipe
 
 
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    """typing.get_type_hints, once per section: it is most of the time a check takes."""
+    return typing.get_type_hints(cls)
+
+
 def _origin(key_path: str, where: str, overridden: set[str]) -> str:
     """Who set `key_path`: "command line" when an override set it or a key below it (an
     override `trian.seed=1` creates the unknown section `trian`), else the recipe file."""
@@ -61,8 +72,8 @@ def _origin(key_path: str, where: str, overridden: set[str]) -> str:
     return where
 
 
-def _suggest(key: str, fields: typing.Iterable[str], prefix: str) -> str:
-    close = difflib.get_close_matches(key, list(fields), n=1)
+def _suggest(key: Any, fields: typing.Iterable[str], prefix: str) -> str:
+    close = difflib.get_close_matches(key, list(fields), n=1) if isinstance(key, str) else []
     allowed = ", ".join(sorted(fields))
     return f"; did you mean {prefix}{close[0]}?" if close else f"; allowed: {allowed}"
 
@@ -85,12 +96,21 @@ def _check_value(value: Any, hint: Any, meta: Any, where: str, key: str) -> Any:
     """Check one value against its type hint and range; return it normalised."""
     checked = _coerce(value, hint)
     if checked is _INVALID:
-        raise RecipeError(f"{where}: {key}: expected {type_name(hint)}, got {value!r}")
+        raise RecipeError(f"{where}: {key}: expected {type_name(hint)}, got {quoted(value)}")
+    if typing.get_origin(hint) is dict and not _plain(checked):
+        raise RecipeError(
+            f"{where}: {key}: expected names with numbers, strings, true/false or lists of "
+            f"them, got {quoted(value)}"
+        )
     lo, hi = meta.get("lo"), meta.get("hi")
     numbers = checked if isinstance(checked, list) else [checked]
     for number in numbers:
         if isinstance(number, bool) or not isinstance(number, (int, float)):
             continue
+        if isinstance(number, float) and not math.isfinite(number):
+            raise RecipeError(f"{where}: {key}: {number} is not a finite number")
+        if abs(number) >= 10**MAX_INT_DIGITS:  # a kohya "epoch": 1e100; no YAML reads it back
+            raise RecipeError(f"{where}: {key}: over {MAX_INT_DIGITS} digits is out of range")
         if (lo is not None and number < lo) or (hi is not None and number > hi):
             bounds = f">= {lo}" if hi is None else f"between {lo} and {hi}"
             raise RecipeError(f"{where}: {key}: {number} is out of range: must be {bounds}")
@@ -98,6 +118,19 @@ def _check_value(value: Any, hint: Any, meta: Any, where: str, key: str) -> Any:
 
 
 _INVALID = object()
+
+
+def _plain(value: Any, depth: int = 0) -> bool:
+    """Whether `value` is a finite JSON value (optimizer arguments are hashed as JSON)."""
+    if depth > 8:
+        return False
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v, depth + 1) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_plain(item, depth + 1) for item in value)
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return value is None or isinstance(value, (bool, int, str))
 
 
 def _coerce(value: Any, hint: Any) -> Any:
@@ -144,7 +177,8 @@ def _coerce(value: Any, hint: Any) -> Any:
     return _INVALID
 
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # fullmatch: `$` matches before a "\n"
+_EXTENSION = re.compile(r"[^\s/\\]+")  # a file name's end: no space, no folder separator
 
 
 def _check_combinations(recipe: Recipe, where: str, overridden: set[str]) -> None:
@@ -170,9 +204,10 @@ def _check_combinations(recipe: Recipe, where: str, overridden: set[str]) -> Non
             fail("data.resolution", f"{side}: sides must be multiples of 8, at least 64")
     if data.enable_bucket and data.min_bucket_reso > data.max_bucket_reso:
         fail("data.min_bucket_reso", "must not exceed data.max_bucket_reso")
-    if not data.caption_extension.lstrip("."):
+    extension = data.caption_extension.lstrip(".")
+    if not (_EXTENSION.fullmatch(extension) and extension.isprintable()):
         fail("data.caption_extension", "expected an extension such as .txt or .caption")
-    if not _NAME.match(out.name):
+    if not _NAME.fullmatch(out.name):
         fail("output.name", "required; letters, digits, '.', '_' and '-' only (it is a file name)")
     if train.lr_scheduler == "constant" and train.lr_warmup > 0:
         fail(

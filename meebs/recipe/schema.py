@@ -18,6 +18,9 @@ from typing import Any, Literal
 
 import yaml
 
+# torch.manual_seed takes seeds below 2**64, a CUDA generator below 2**63: a larger one
+# passed every check and stopped the run with a traceback (found by fuzzing, issue 19).
+MAX_SEED = 2**63 - 1
 WHERE_KEYS = ("dir", "logging_dir")  # output.* keys that never change what is trained
 SCHEDULERS = (
     "constant",
@@ -110,7 +113,7 @@ class NetworkSection:
 class TrainSection:
     """The optimisation: steps, learning rates, loss and the machine."""
 
-    seed: int = knob(42, "seed of every random source", lo=0)
+    seed: int = knob(42, "seed of every random source", lo=0, hi=MAX_SEED)
     epochs: int = knob(1, "passes over the training images (with their reg partners)", lo=1)
     batch_size: int = knob(1, "images per step per device", lo=1, hi=256)
     gradient_accumulation_steps: int = knob(1, "micro-batches per optimizer step", lo=1)
@@ -135,8 +138,10 @@ class TrainSection:
     max_grad_norm: float = knob(1.0, "gradient clipping norm (0 = off)", lo=0.0)
     attention: Literal["sdpa", "xformers"] = knob("sdpa", "attention backend")
     gradient_checkpointing: bool = knob(False, "trade compute for memory")
-    loha_layer: Literal["fast", "low-memory", "lycoris"] = knob(
-        "fast", "LoHA training layer: same function; low-memory saves RAM/VRAM, lycoris = stock"
+    loha_layer: Literal["factored", "fast", "low-memory", "lycoris"] = knob(
+        "fast",
+        "LoHA training layer, the same function each: factored never builds a full-size "
+        "weight (where it pays), low-memory saves RAM/VRAM, lycoris = stock",
     )
     threads: int = knob(2, "CPU threads (part of the result: it changes the bits)", lo=1)
     log_every_n_steps: int = knob(
@@ -157,7 +162,7 @@ class SampleSection:
     sampler: str = knob("Euler a", "AUTOMATIC1111 sampler name")
     steps: int = knob(20, "sampling steps", lo=1, hi=1000)
     cfg: float = knob(7.0, "classifier-free guidance scale", lo=0.0)
-    seed: int = knob(1234, "seed of the first prompt (+1 per prompt)", lo=0)
+    seed: int = knob(1234, "seed of the first prompt (+1 per prompt)", lo=0, hi=MAX_SEED)
     negative: str = knob("", "default negative prompt")
 
 

@@ -28,6 +28,7 @@ from rich.table import Column, Table
 
 from meebs.errors import MeebsError
 from meebs.files.atomic_write import make_folder, write_text_atomic
+from meebs.files.text_files import shown
 from meebs.recipe.keys import recipe_differences
 from meebs.recipe.loading import load_recipe, recipe_from_dict
 from meebs.recipe.schema import Recipe
@@ -63,7 +64,7 @@ def load_reference(path: Path) -> Reference:
     manifest = read_manifest(path)
     if manifest["status"] == "failed":
         raise MeebsError(
-            f"{path}: this run failed ({manifest.get('failure', 'no reason recorded')}); "
+            f"{path}: this run failed ({shown(manifest.get('failure', 'no reason recorded'))}); "
             "reproduce a finished run"
         )
     if manifest["status"] != "finished":
@@ -104,17 +105,33 @@ def recipe_for_rerun(reference: Reference, overrides: list[str]) -> tuple[Recipe
     manifest = reference.manifest
     where = f"{reference.label} (recorded recipe)"
     recorded = recipe_from_dict(manifest["recipe"], where=where)
-    source = manifest["recipe_source"]
-    file, old_overrides = source["file"], tuple(source["overrides"])
-    if file and Path(file).is_file():
+    source = manifest.get("recipe_source", {})  # read_manifest checked its types
+    file, old_overrides = source.get("file"), tuple(source.get("overrides", ()))
+    if file and _is_file(Path(file)):
         changed = recipe_differences(recorded, load_recipe(file, old_overrides))
         if changed:
+            run_id = shown(manifest.get("run_id", "(no id)"))
             raise MeebsError(
-                f"{file} changed since run {manifest['run_id']}: {'; '.join(changed)}; "
+                f"{shown(file, 300)} changed since run {run_id}: {_some(changed)}; "
                 "restore the file, or train it and `record` the new run"
             )
     recipe = recipe_from_dict(manifest["recipe"], where=where, overrides=overrides)
     return recipe, RecipeOrigin(file, (*old_overrides, *overrides))
+
+
+def _is_file(path: Path) -> bool:
+    """`Path.is_file`, False also for a name no filesystem takes (OSError: too long)."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
+def _some(changes: list[str], count: int = 5) -> str:
+    """The first `count` changes, each cut to 120 characters: a message stays one line."""
+    cut = [change if len(change) <= 120 else f"{change[:117]}..." for change in changes]
+    more = f"; and {len(changes) - count} more" if len(changes) > count else ""
+    return "; ".join(cut[:count]) + more
 
 
 def reproduce(path: Path, overrides: list[str], console: Console, command: str = "") -> int:

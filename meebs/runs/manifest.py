@@ -20,6 +20,7 @@ import platform
 import re
 import subprocess
 import time
+import typing
 from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -29,10 +30,10 @@ import torch
 
 from meebs import __version__
 from meebs.data.folders import DatasetScan
-from meebs.errors import MeebsError
+from meebs.errors import MeebsError, quoted
 from meebs.files.atomic_write import write_text_atomic
 from meebs.files.hash_cache import cached_sha256
-from meebs.files.text_files import read_text
+from meebs.files.text_files import JsonLimitError, load_json, read_text
 from meebs.recipe.schema import Recipe
 
 FORMAT = 1
@@ -208,23 +209,28 @@ def read_manifest(run: Path) -> dict[str, Any]:
             f"{run}: not a run (no {MANIFEST_NAME}); give a folder under outputs/<name>/"
         )
     try:
-        data = json.loads(read_text(path, "run manifest"))
+        data = load_json(read_text(path, "run manifest"))
     except json.JSONDecodeError as exc:
         raise MeebsError(
             f"{path}: not valid JSON at line {exc.lineno} (truncated or edited?); "
             "restore it from git or rerun the recipe"
         ) from None
+    except JsonLimitError as exc:
+        raise MeebsError(f"{path}: not a manifest sd-meebs wrote ({exc})") from None
     if not isinstance(data, dict) or data.get("kind") != KIND:
         raise MeebsError(f"{path}: not an sd-meebs run manifest")
     version = data.get("format")
-    if not isinstance(version, int) or version > FORMAT:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise MeebsError(f"{path}: manifest format {quoted(version)} is not one sd-meebs writes")
+    if version > FORMAT:
         raise MeebsError(
-            f"{path}: manifest format {version!r} is newer than this sd-meebs reads "
+            f"{path}: manifest format {version} is newer than this sd-meebs reads "
             f"({FORMAT}); update sd-meebs"
         )
     missing = [key for key in REQUIRED if key not in data]
     if missing:
         raise MeebsError(f"{path}: incomplete manifest, missing {', '.join(missing)}")
+    _check_fields(path, data)
     return data
 
 
@@ -244,10 +250,78 @@ REQUIRED = (
 )
 
 
+STATUSES = ("running", "finished", "interrupted", "failed")
+# What `reproduce`, `compare`, `record` and `train --resume` read, by the JSON type it must
+# have (a trailing "?": it may be absent): a manifest edited by hand fails here, in one
+# line, not as a KeyError or TypeError wherever a field is first used.
+_OBJECTS = "recipe recipe_source? data base_model hardware determinism packages code outputs"
+_STRINGS = "status hardware_class python data.sha256 base_model.sha256 run_id?"
+FIELDS = {
+    dict: _OBJECTS,
+    str: _STRINGS,
+    list: "data.files recipe_source.overrides?",
+    int: "hardware.threads steps?",
+}
+_TYPE_NAMES = {dict: "an object", str: "a string", list: "a list", int: "an integer"}
+# hardware_class() writes these characters only, and `record` makes it a file name.
+_HARDWARE_CLASS = re.compile(r"[a-z0-9][a-z0-9._-]*")
+_DATA_FILE = {"path": str, "sha256": str, "caption": str, "repeats": int}
+_ABSENT = object()
+
+
+def _check_fields(path: Path, data: dict[str, Any]) -> None:
+    """The types in FIELDS, the status, and the names that become file paths."""
+
+    def fail(key: str, wanted: str, value: Any) -> typing.NoReturn:
+        raise MeebsError(
+            f"{path}: {key} must be {wanted}, not {quoted(value, 60)}; "
+            "restore the manifest from git or rerun the recipe"
+        )
+
+    for kind, keys in FIELDS.items():
+        for spec in keys.split():
+            value = _field(data, spec.rstrip("?"))
+            absent_ok = value is _ABSENT and spec.endswith("?")
+            if not absent_ok and (not isinstance(value, kind) or isinstance(value, bool)):
+                fail(spec.rstrip("?"), _TYPE_NAMES[kind], value)
+    source = data.get("recipe_source", {})
+    if not isinstance(source.get("file"), (str, type(None))):
+        fail("recipe_source.file", "a file name or null", source["file"])
+    if not all(isinstance(item, str) for item in source.get("overrides", [])):
+        fail("recipe_source.overrides", "a list of section.key=value", source["overrides"])
+    if data["status"] not in STATUSES:
+        fail("status", f"one of {', '.join(STATUSES)}", data["status"])
+    if not _HARDWARE_CLASS.fullmatch(data["hardware_class"]):
+        fail("hardware_class", "a class such as x86_64-amd-2t", data["hardware_class"])
+    for item in data["data"]["files"]:
+        fields = [item.get(key) for key in _DATA_FILE] if isinstance(item, dict) else [None]
+        if not all(type(v) is t for v, t in zip(fields, _DATA_FILE.values(), strict=False)):
+            fail("data.files", "a list of {path, sha256, caption, repeats}", item)
+    for name, sha in data["outputs"].items():
+        if Path(name).name != name or name in ("", ".", "..") or not isinstance(sha, str):
+            fail("outputs", "file names with their sha256", {name: sha})
+
+
+def _field(data: dict[str, Any], key: str) -> Any:
+    value: Any = data
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return _ABSENT
+        value = value[part]
+    return value
+
+
 def recipe_name(manifest: dict[str, Any]) -> str:
     """The recipe's short name (`demo`, `1.3`): its file's stem, else the output name."""
     source = manifest.get("recipe_source", {}).get("file")
-    return Path(source).stem if source else manifest["recipe"]["output"]["name"]
+    name = Path(source).stem if source else _field(manifest, "recipe.output.name")
+    usable = isinstance(name, str) and name.isprintable() and Path(name).name == name
+    if not usable or name in ("", ".", "..") or len(str(name).encode()) > 200:  # folder name
+        raise MeebsError(
+            "run manifest: neither recipe_source.file nor recipe.output.name gives a name "
+            "to file the result under; restore the manifest from git"
+        )
+    return name
 
 
 # --------------------------------------------------------------------------- writing

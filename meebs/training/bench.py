@@ -8,8 +8,9 @@ Each case runs in its own process so peak memory belongs to that case alone:
 - sd15: the full-size SD 1.5 architecture (random weights) at 128 px, batch 2, the
   1.3 network settings, through the real trainer (`--set data.resolution=512` for the
   real size on a GPU; ci/gpu_bench.sh does that with the 1.3 recipe's settings);
-- sd15-lycoris, sd15-low-memory: the same with lycoris' own LoHA forward (the reference)
-  and with the low-memory layer (meebs.network.loha_layer) instead of the default "fast" one;
+- sd15-lycoris, sd15-low-memory, sd15-fast, sd15-factored: the same with each LoHA layer
+  path (meebs.network.loha_layer): lycoris' own forward (the reference), low-memory, fast
+  and factored, whichever the default is;
 - demo-floor, sd15-floor: the same model, network, layer path, optimizer, device and
   precision in a bare loop with latents and caption tokens made once (no data loading,
   caching, logging or saving): what a step costs at least.
@@ -46,8 +47,15 @@ CASES = (
     "sd15-floor",
     "sd15-lycoris",
     "sd15-low-memory",
+    "sd15-fast",
+    "sd15-factored",
 )
-LAYER_CASES = {"sd15-lycoris": "lycoris", "sd15-low-memory": "low-memory"}
+LAYER_CASES = {
+    "sd15-lycoris": "lycoris",
+    "sd15-low-memory": "low-memory",
+    "sd15-fast": "fast",
+    "sd15-factored": "factored",
+}
 
 
 def bench_data(root: Path, images: int) -> Path:
@@ -251,11 +259,13 @@ def ratio_lines(results: dict[str, dict]) -> list[str]:
     lines = []
     stock = results.get("sd15-lycoris")
     memory = ["peak_rss_gib"] + (["peak_cuda_gib"] if stock and "peak_cuda_gib" in stock else [])
-    for case, name in (("sd15", "fast"), ("sd15-low-memory", "low-memory")):
-        if stock and case in results:
-            parts = [f"s/step {ratio(results[case], stock, 'seconds_per_step')}"]
-            parts += [f"{key} {ratio(results[case], stock, key)}" for key in memory]
-            lines.append(f"{name} layer / lycoris' own: {', '.join(parts)}")
+    pairs = [(f"sd15-{path}", "sd15-lycoris") for path in ("fast", "low-memory", "factored")]
+    for case, reference in [*pairs, ("sd15-factored", "sd15-fast")]:
+        if case in results and reference in results:
+            parts = [f"s/step {ratio(results[case], results[reference], 'seconds_per_step')}"]
+            parts += [f"{key} {ratio(results[case], results[reference], key)}" for key in memory]
+            name = reference.removeprefix("sd15-")
+            lines.append(f"{case.removeprefix('sd15-')} layer / {name}: {', '.join(parts)}")
     full = results.get("demo-full")
     if full:
         share = full["validation_s"] / full["run_s"]

@@ -21,7 +21,7 @@ from rich.console import Console
 from torch.utils.tensorboard import SummaryWriter
 
 from meebs.errors import MeebsError
-from meebs.files.atomic_write import make_folder, write_text_atomic
+from meebs.files.atomic_write import make_folder, remove_temps, write_text_atomic
 from meebs.files.safetensors_io import file_sha256
 from meebs.models.base import describe_base
 from meebs.models.loading import load_base_model
@@ -37,7 +37,7 @@ from meebs.recipe.keys import recipe_differences
 from meebs.recipe.loading import recipe_from_dict
 from meebs.recipe.schema import Recipe
 from meebs.runs.compare import input_differences
-from meebs.runs.folders import log_dir, new_run_dir
+from meebs.runs.folders import holding, log_dir, new_run_dir
 from meebs.runs.manifest import (
     MANIFEST_NAME,
     RecipeOrigin,
@@ -119,10 +119,20 @@ def _run_in(
     loop: Loop, result: RunResult, manifest: dict, console: Console, command: str
 ) -> RunResult:
     try:
-        return run_segment(loop, result, manifest, console, command)
+        with holding(result.run_dir):
+            _tidy(result.run_dir, console)
+            return run_segment(loop, result, manifest, console, command)
     finally:
         if not loop.accelerator.is_main_process:
             shutil.rmtree(result.run_dir, ignore_errors=True)
+
+
+def _tidy(run_dir: Path, console: Console) -> None:
+    """Remove the temp files of writes a kill cut short (never outputs: only a complete
+    file is renamed to its name). The caller holds the run, so none is being written."""
+    removed = remove_temps(run_dir) + remove_temps(run_dir / "samples")
+    if removed:
+        console.print(f"removed {removed} temp file(s) of writes cut short in {run_dir}")
 
 
 def resume(
@@ -130,8 +140,15 @@ def resume(
 ) -> RunResult:
     """Continue an interrupted run in its own folder from its last saved state; the files
     it writes are the bytes an uninterrupted run would have written."""
+    if run_dir.is_dir() and not (run_dir / MANIFEST_NAME).exists():
+        raise MeebsError(
+            f"{run_dir}: no {MANIFEST_NAME}: not a run, or one stopped as it started, "
+            "before anything was saved; nothing to resume: train the recipe again"
+        )
     manifest = read_manifest(run_dir)
     if manifest["status"] == "finished":
+        # a kill between the last manifest and the state's removal leaves it behind
+        (run_dir / STATE_NAME).unlink(missing_ok=True)
         raise MeebsError(
             f"{run_dir}: this run finished all {manifest['steps']} steps; nothing to resume "
             "(train the recipe again for a new run)"
@@ -197,7 +214,7 @@ def prepare(recipe: Recipe, console: Console) -> Loop:
     if recipe.network.weights:
         load_network_weights(network, Path(recipe.network.weights))
     routed = use_layer_path(network.loras, recipe.train.loha_layer)
-    layer = f", {recipe.train.loha_layer} layer path on {routed}" if routed else ""
+    layer = "".join(f", {path} layer path on {count}" for path, count in sorted(routed.items()))
     console.print(
         f"network: {recipe.network.algo}, {unet_modules} UNet + {te_modules} text-encoder "
         f"modules{layer}"

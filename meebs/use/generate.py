@@ -13,7 +13,7 @@ import io
 import json
 import random
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,14 +22,18 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from rich.console import Console
+from rich.markup import escape
 
-from meebs.errors import MeebsError
+from meebs.errors import MeebsError, quoted
 from meebs.files.atomic_write import make_folder, write_atomic
 from meebs.files.safetensors_io import addnet_hash
 from meebs.models.base import BaseModel
 from meebs.models.loading import load_base_model
 from meebs.models.sampling import SamplePrompt, generate_samples, normalize_sampler
-from meebs.network.apply import apply_network, read_shapes
+from meebs.models.single_file import PICKLE_SUFFIXES
+from meebs.network.apply import apply_network
+from meebs.network.network_file import check_values, read_network_header
+from meebs.use.inspect import clip
 from meebs.use.network_lookup import find_network
 from meebs.use.prompt_tags import NetworkTag, parse_prompt, weight_warnings
 
@@ -37,6 +41,12 @@ DEFAULT_OUT = Path("outputs") / "generated"
 DEFAULT_SIZE = (512, 512)
 BUILTIN_PREFIX = "builtin:"
 _NUMBERED = re.compile(r"^(\d{5})-")
+# What a network's metadata may ask of generate (the recipe's own bounds): anything else
+# is a damaged or hostile file, refused rather than guessed around or obeyed.
+CLIP_SKIPS = range(1, 13)
+MAX_TOKEN_LENGTHS = (75, 150, 225)
+RECORDED_SIZES = range(64, 4097, 8)
+_SIZE = re.compile(r"\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*")
 
 
 @dataclass(frozen=True)
@@ -83,7 +93,6 @@ def generate(request: Request, console: Console) -> list[Path]:
     for item in resolved:
         _warn_other_base(item, base, console)
         apply_network(item.path, base, te=item.tag.te, unet=item.tag.unet)
-    first = resolved[0].metadata if resolved else {}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for part in (base.unet, base.vae, base.text_encoder):
         part.to(device)
@@ -92,8 +101,8 @@ def generate(request: Request, console: Console) -> list[Path]:
         prompts=prompts,
         device=device,
         dtype=torch.float32,
-        clip_skip=int(first.get("ss_clip_skip", 1)),
-        max_token_length=int(first.get("ss_max_token_length", 75)),
+        clip_skip=_recorded_int(resolved, "ss_clip_skip", 1, CLIP_SKIPS),
+        max_token_length=_recorded_int(resolved, "ss_max_token_length", 75, MAX_TOKEN_LENGTHS),
     )
     hashes = {item.tag.name: addnet_hash(item.path)[:12] for item in resolved}
     make_folder(request.out, "give a writable folder with --out")
@@ -138,8 +147,9 @@ def _resolve(tag: NetworkTag, request: Request, console: Console) -> Resolved:
             f"{found.path}",
             highlight=False,
         )
-    _, metadata = read_shapes(found.path)
-    return Resolved(tag, found.path, metadata)
+    header = read_network_header(found.path)
+    check_values(found.path, header)  # a NaN is refused before the base model loads
+    return Resolved(tag, found.path, header.metadata)
 
 
 def _prompts(
@@ -163,14 +173,41 @@ def _prompts(
 
 def _size(size: str | None, resolved: list[Resolved]) -> tuple[int, int]:
     """--size WxH, else the first network's training resolution, else 512x512."""
-    if size is None and resolved:
-        size = resolved[0].metadata.get("modelspec.resolution")
-    if size is None:
+    if size is not None:
+        match = _SIZE.fullmatch(size)
+        if not match:
+            raise MeebsError(f"--size {quoted(size)}: write WIDTHxHEIGHT, e.g. 512x512")
+        return int(match.group(1)), int(match.group(2))
+    recorded = resolved[0].metadata.get("modelspec.resolution") if resolved else None
+    if recorded is None:
         return DEFAULT_SIZE
-    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", size)
-    if not match:
-        raise MeebsError(f"--size {size!r}: write WIDTHxHEIGHT, e.g. 512x512")
-    return int(match.group(1)), int(match.group(2))
+    match = _SIZE.fullmatch(recorded)
+    sides = (int(match.group(1)), int(match.group(2))) if match else ()
+    if not (sides and all(side in RECORDED_SIZES for side in sides)):
+        raise MeebsError(
+            f"{resolved[0].path}: its modelspec.resolution {quoted(recorded)} is not a size "
+            "from 64x64 to 4096x4096 in steps of 8: give --size"
+        )
+    return sides
+
+
+def _recorded_int(resolved: list[Resolved], key: str, default: int, allowed: Sequence) -> int:
+    """A number the first network's metadata records (kohya's ss_clip_skip...), checked."""
+    if not resolved or key not in resolved[0].metadata:
+        return default
+    text = resolved[0].metadata[key]
+    value = int(text) if re.fullmatch(r"\d{1,4}", text) else None
+    if value not in allowed:
+        choices = (
+            f"{allowed[0]} to {allowed[-1]}"
+            if isinstance(allowed, range)
+            else ", ".join(map(str, allowed))
+        )
+        raise MeebsError(
+            f"{resolved[0].path}: its metadata {key} {quoted(text)} is not one of {choices}: "
+            f"the file is damaged; remove the key to use {default}"
+        )
+    return value
 
 
 def _base_model(request: Request, resolved: list[Resolved]) -> BaseModel:
@@ -191,8 +228,36 @@ def _base_model(request: Request, resolved: list[Resolved]) -> BaseModel:
         raise MeebsError(
             f"{first.path} records no meebs recipe, so its base model is unknown: give --model"
         )
-    model = json.loads(first.metadata["meebs_recipe"])["model"]
-    return load_recorded_base(model, pin=request.sha256)
+    return load_recorded_base(_recorded_model(first), pin=request.sha256)
+
+
+def _recorded_model(first: Resolved) -> dict[str, str | None]:
+    """The `model` section of the network's meebs_recipe, as far as generate trusts it:
+    a builtin name, or a path with its pin. Whatever a file says, generate never
+    unpickles the base it names (a stranger's file could name any pickle on disk)."""
+    try:
+        recipe = json.loads(first.metadata["meebs_recipe"])
+    except (ValueError, RecursionError):
+        recipe = None
+    model = recipe.get("model") if isinstance(recipe, dict) else None
+    model = model if isinstance(model, dict) else {}
+    fields = {key: model.get(key) for key in ("builtin", "path", "sha256")}
+    if not model or not all(value is None or _plain(value) for value in fields.values()):
+        raise MeebsError(
+            f"{first.path}: its meebs_recipe records no usable base model "
+            "(model.builtin, model.path, model.sha256): give --model"
+        )
+    if fields["path"] and Path(fields["path"]).suffix.lower() in PICKLE_SUFFIXES:
+        raise MeebsError(
+            f"{first.path} was trained on the pickle file {quoted(fields['path'])}; generate "
+            "never unpickles a file a network names: convert it to .safetensors, give --model"
+        )
+    return fields
+
+
+def _plain(value: object) -> bool:
+    """A string that can be a model name, path or hash: printable, one line, not huge."""
+    return isinstance(value, str) and 0 < len(value) <= 4096 and value.isprintable()
 
 
 def load_recorded_base(model: Mapping[str, Any], pin: str | None = None) -> BaseModel:
@@ -212,8 +277,9 @@ def _warn_other_base(item: Resolved, base: BaseModel, console: Console) -> None:
     trained_on = item.metadata.get("ss_new_sd_model_hash")
     if trained_on and trained_on != base.sha256:
         console.print(
-            f"[yellow]warning:[/yellow] {item.tag.name} was trained on base sha256 "
-            f"{trained_on[:10]}, not on {base.name} ({base.sha256[:10]})",
+            f"[yellow]warning:[/yellow] {escape(item.tag.name)} was trained on base sha256 "
+            f"{escape(clip(trained_on[:10]))}, not on {escape(base.name)} "
+            f"({base.sha256[:10]})",
             highlight=False,
         )
 

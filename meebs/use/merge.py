@@ -28,14 +28,15 @@ from torch import Tensor, nn
 
 from meebs.errors import MeebsError
 from meebs.files.atomic_write import write_text_atomic
+from meebs.files.safetensors_io import read_header, shown
 from meebs.interop.diffusers_export import save_diffusers_folder
 from meebs.interop.ldm_export import save_ldm_file
 from meebs.models.base import BaseModel
 from meebs.models.loading import load_base_model
 from meebs.models.single_file import PICKLE_SUFFIXES
-from meebs.network.build import load_tensors
 from meebs.network.deltas import MARKERS, module_delta
 from meebs.network.kohya_names import kohya_layers, looks_like_sdxl
+from meebs.network.network_file import check_one_prefix, load_network_tensors
 
 PRECISIONS = {"fp16": torch.float16, "fp32": torch.float32}
 # The default when --save-precision is not given: a single file is shared and loaded
@@ -72,16 +73,28 @@ def parse_network_arg(text: str) -> WeightedNetwork:
 
 
 def read_network(path: Path) -> dict[str, dict[str, Tensor]]:
-    """The file's tensors grouped by module key: {module: {suffix: tensor}}."""
+    """The file's tensors grouped by module key: {module: {suffix: tensor}}, after the
+    checks every network file gets (`load_network_tensors`: dtypes, NaN, factors)."""
+    path = Path(path)
+    if path.is_file():
+        _check_names(path, {key: entry.shape for key, entry in read_header(path).tensors.items()})
     modules: dict[str, dict[str, Tensor]] = defaultdict(dict)
-    for key, tensor in load_tensors(Path(path)).items():
+    for key, tensor in load_network_tensors(path).items():
         module, _, suffix = key.partition(".")
         modules[module][suffix] = tensor
-    if not any(marker in tensors for tensors in modules.values() for marker in MARKERS):
+    return dict(modules)
+
+
+def _check_names(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Merge's wording for a file that is no network, or one for SDXL."""
+    if not any(key.endswith(MARKERS) for key in shapes):
         raise MeebsError(
             f"{path} is not a LoRA/LoCon/LoHA network: it has no lora_down/hada_w1 tensors"
         )
-    return dict(modules)
+    check_one_prefix(path, shapes)
+    sdxl = next((key for key in sorted(shapes) if looks_like_sdxl(key)), None)
+    if sdxl:
+        raise MeebsError(f"{path}: {_unplaced(sdxl.partition('.')[0])}")
 
 
 def merge_into(
@@ -119,7 +132,8 @@ def merge(
     into = Path(into)
     pin_file = pin_path(into)
     kind = output_kind(into)
-    dtype = PRECISIONS[save_precision or DEFAULT_PRECISION[kind]]
+    precision = save_precision or DEFAULT_PRECISION[kind]
+    dtype = PRECISIONS[precision]
     for target in (into, pin_file):
         if target.exists():
             raise MeebsError(f"{target} already exists; refusing to overwrite it")
@@ -134,6 +148,7 @@ def merge(
             merge_into(model.unet, model.text_encoder, modules, network.weight)
         except MeebsError as error:
             raise MeebsError(f"{network.path}: {error}") from None
+    _refuse_non_finite(model, precision, networks)
     if kind == "file":
         digest = save_ldm_file(model, into, dtype)
     else:
@@ -142,6 +157,20 @@ def merge(
         digest = save_diffusers_folder(model, into)
     write_text_atomic(pin_file, f"{digest}  {into.name}\n")
     return digest
+
+
+def _refuse_non_finite(model: BaseModel, precision: str, networks: list[WeightedNetwork]) -> None:
+    """Write nothing if a merged weight is NaN or inf in the output precision: every
+    loader would draw black with it. fp16 ends at 65504, so a large weight may need fp32."""
+    for part_name, part in (("UNet", model.unet), ("text encoder", model.text_encoder)):
+        for name, weight in part.named_parameters():
+            if not torch.isfinite(weight.detach().to(PRECISIONS[precision])).all():
+                raise MeebsError(
+                    f"{', '.join(str(n.path) for n in networks)}: the merged {part_name} "
+                    f"weight {name} is NaN or inf in {precision} (fp16 ends at 65504); "
+                    "nothing was written: lower the network's weight, or give "
+                    "--save-precision fp32"
+                )
 
 
 def output_kind(into: Path) -> str:
@@ -161,9 +190,10 @@ def pin_path(into: Path) -> Path:
 
 
 def _unplaced(module_key: str) -> str:
+    name = shown(module_key)
     if looks_like_sdxl(module_key):
-        return f"{module_key} is an SDXL key (kohya's SDXL naming): this network is not for SD 1.x"
-    return f"{module_key} matches no layer of this SD 1.x base model"
+        return f"{name} is an SDXL key (kohya's SDXL naming): this network is not for SD 1.x"
+    return f"{name} matches no layer of this SD 1.x base model"
 
 
 def run_merge(args: argparse.Namespace, console: Console) -> int:

@@ -6,6 +6,11 @@ named, the others positional. `<lora:NAME>` is weight 1; `<lora:NAME:W>` applies
 both text encoder and UNet; `<lora:NAME:TE:UNET>` gives them separately; the named
 forms `te=` and `unet=` override the positional ones. The tags are removed from the text
 the model sees; the prompt as typed is what the PNG records.
+
+A prompt is stranger input (tests/fuzz/test_fuzz_prompts.py): a tag echoed in a message
+goes through `shown`, and the tag pattern only runs up to the last '>', since after it no
+tag can end and every '<' there would make the regex scan to the end of the prompt
+(quadratic: 11 s for 63 KB of "<a:").
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ import math
 import re
 from dataclasses import dataclass
 
-from meebs.errors import MeebsError
+from meebs.errors import MeebsError, quoted
+from meebs.files.text_files import shown
 
 TAG_TYPES = ("lora", "lyco")
 # A1111's `re_extra_net`: any `<word:...>` is an extra-network tag.
@@ -37,8 +43,10 @@ class NetworkTag:
 
 def parse_prompt(prompt: str) -> tuple[str, list[NetworkTag]]:
     """(prompt without tags, the tags in order); MeebsError for a tag we cannot honour."""
-    tags = [_parse_tag(match) for match in _TAG.finditer(prompt)]
-    text = _TAG.sub("", prompt)
+    end = prompt.rfind(">") + 1
+    head, tail = prompt[:end], prompt[end:]
+    tags = [_parse_tag(match) for match in _TAG.finditer(head)]
+    text = _TAG.sub("", head) + tail
     broken = _BROKEN.search(text)
     if broken:
         rest = text[broken.start() : broken.start() + 40]
@@ -49,7 +57,7 @@ def parse_prompt(prompt: str) -> tuple[str, list[NetworkTag]]:
 def weight_warnings(tags: list[NetworkTag]) -> list[str]:
     """One line per multiplier so large that the image will likely be noise."""
     return [
-        f"{tag.text}: {part} multiplier {value:g} is above {WARN_ABOVE:g} in size; "
+        f"{shown(tag.text)}: {part} multiplier {value:g} is above {WARN_ABOVE:g} in size; "
         "expect a distorted image"
         for tag in tags
         for part, value in (("te", tag.te), ("unet", tag.unet))
@@ -58,16 +66,18 @@ def weight_warnings(tags: list[NetworkTag]) -> list[str]:
 
 
 def _parse_tag(match: re.Match[str]) -> NetworkTag:
-    kind, body, text = match.group(1), match.group(2), match.group(0)
+    kind, body, text = match.group(1), match.group(2), shown(match.group(0))
     if kind.lower() not in TAG_TYPES:
-        raise MeebsError(f"{text}: unsupported tag type {kind!r}; use <lora:...> or <lyco:...>")
+        raise MeebsError(
+            f"{text}: unsupported tag type {quoted(kind)}; use <lora:...> or <lyco:...>"
+        )
     items = [item.strip() for item in body.split(":")]
     positional = [item for item in items if "=" not in item]
     named = dict(item.split("=", 1) for item in items if "=" in item)
     named = {key.strip().lower(): value.strip() for key, value in named.items()}
     unknown = sorted(set(named) - {"te", "unet"})
     if unknown:
-        raise MeebsError(f"{text}: unknown option {unknown[0]}=; allowed: te=, unet=")
+        raise MeebsError(f"{text}: unknown option {shown(unknown[0])}=; allowed: te=, unet=")
     if not positional or not positional[0] or len(positional) > 3:
         raise MeebsError(f"malformed network tag {text}: write <{kind}:NAME:WEIGHT[:UNET_WEIGHT]>")
     name, *weights = positional
@@ -75,14 +85,14 @@ def _parse_tag(match: re.Match[str]) -> NetworkTag:
     te = _weight(text, named["te"]) if "te" in named else te
     unet = _weight(text, weights[1]) if len(weights) > 1 else te
     unet = _weight(text, named["unet"]) if "unet" in named else unet
-    return NetworkTag(name=name, te=te, unet=unet, text=text)
+    return NetworkTag(name=name, te=te, unet=unet, text=match.group(0))
 
 
 def _weight(tag: str, raw: str) -> float:
     try:
         value = float(raw)
     except ValueError:
-        raise MeebsError(f"{tag}: weight {raw!r} is not a number") from None
+        raise MeebsError(f"{tag}: weight {quoted(raw)} is not a number") from None
     if not math.isfinite(value):
-        raise MeebsError(f"{tag}: weight {raw!r} must be a finite number")
+        raise MeebsError(f"{tag}: weight {quoted(raw)} must be a finite number")
     return value
