@@ -65,7 +65,7 @@ def test_minimal_recipe_gets_defaults(tmp_path):
         ("model: {path: x.safetensors}", "set exactly one of model.builtin"),
         ("model: {sha256: abc}", "model.sha256: expected 64 lowercase hex digits"),
         ("data: {resolution: [64, 60]}", "data.resolution: 60: sides must be multiples of 8"),
-        ("output: {name: 'my run'}", "output.name: required; letters, digits"),
+        ("output: {name: 'my run'}", "output.name: required; up to 200 letters, digits"),
     ],
 )
 def test_each_error_names_file_key_and_rule(tmp_path, extra, expected):

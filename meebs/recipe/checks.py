@@ -177,7 +177,9 @@ def _coerce(value: Any, hint: Any) -> Any:
     return _INVALID
 
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # fullmatch: `$` matches before a "\n"
+# fullmatch (`$` matches before a "\n"); at most 200, as "{name}_e000001_s000060_00.png"
+# and the other file names made of it must stay within a file system's 255 bytes
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 _EXTENSION = re.compile(r"[^\s/\\]+")  # a file name's end: no space, no folder separator
 
 
@@ -208,7 +210,10 @@ def _check_combinations(recipe: Recipe, where: str, overridden: set[str]) -> Non
     if not (_EXTENSION.fullmatch(extension) and extension.isprintable()):
         fail("data.caption_extension", "expected an extension such as .txt or .caption")
     if not _NAME.fullmatch(out.name):
-        fail("output.name", "required; letters, digits, '.', '_' and '-' only (it is a file name)")
+        fail(
+            "output.name",
+            "required; up to 200 letters, digits, '.', '_' and '-' (it is a file name)",
+        )
     if train.lr_scheduler == "constant" and train.lr_warmup > 0:
         fail(
             "train.lr_warmup",

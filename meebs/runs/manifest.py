@@ -264,7 +264,7 @@ FIELDS = {
 }
 _TYPE_NAMES = {dict: "an object", str: "a string", list: "a list", int: "an integer"}
 # hardware_class() writes these characters only, and `record` makes it a file name.
-_HARDWARE_CLASS = re.compile(r"[a-z0-9][a-z0-9._-]*")
+_HARDWARE_CLASS = re.compile(r"[a-z0-9][a-z0-9._-]{0,199}")
 _DATA_FILE = {"path": str, "sha256": str, "caption": str, "repeats": int}
 _ABSENT = object()
 

@@ -176,6 +176,7 @@ def mutated_manifests(draw) -> dict[str, Any]:
 @example(with_changes((("format",), "1" * 3000)))  # the format, echoed whole
 @example(with_changes((("format",), True)))  # never failed; refused now: no format
 @example(with_changes((("hardware_class",), "../../escaped")))  # `record` wrote outside
+@example(with_changes((("hardware_class",), "x" * 2000)))  # record: OSError, name too long
 @example(with_changes((("recipe",), 7)))  # record: TypeError
 @example(with_changes((("recipe", "output", "name"), DROP)))  # record: KeyError
 @example(with_changes((("recipe_source", "file"), "a" * 5000)))  # OSError: name too long
