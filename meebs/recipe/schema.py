@@ -22,6 +22,41 @@ import yaml
 # passed every check and stopped the run with a traceback (found by fuzzing, issue 19).
 MAX_SEED = 2**63 - 1
 WHERE_KEYS = ("dir", "logging_dir")  # output.* keys that never change what is trained
+# Keys added after runs were recorded: left out of the canonical recipe while at their
+# default, so a recorded run's recipe hash and file bytes stay what they were.
+LATER_KEYS = {
+    "network": (
+        "dora_wd",
+        "factor",
+        "decompose_both",
+        "full_matrix",
+        "use_scalar",
+        "constraint",
+        "rescaled",
+    )
+}
+# LyCORIS algorithms (lycoris-lora's names) that A1111 and ComfyUI load; "lora" and
+# "locon" are the same module. DoRA is `dora_wd: true` on lora/locon/loha/lokr.
+ALGOS = ("loha", "locon", "lora", "lokr", "glora", "diag-oft", "full", "ia3")
+# Optimizers by kohya sd-scripts' names, so a kohya_ss config's choice reads the same here.
+OPTIMIZERS = (
+    "AdamW",
+    "AdamW8bit",
+    "PagedAdamW8bit",
+    "Lion",
+    "Lion8bit",
+    "PagedLion8bit",
+    "SGDNesterov",
+    "SGDNesterov8bit",
+    "Adafactor",
+    "DAdaptation",
+    "DAdaptAdam",
+    "DAdaptAdaGrad",
+    "DAdaptAdan",
+    "DAdaptLion",
+    "DAdaptSGD",
+    "Prodigy",
+)
 SCHEDULERS = (
     "constant",
     "constant_with_warmup",
@@ -100,12 +135,19 @@ class OutputSection:
 class NetworkSection:
     """The LyCORIS network that is trained."""
 
-    algo: Literal["loha", "locon", "lora"] = knob("loha", "network type")
+    algo: Literal[ALGOS] = knob("loha", "network type (LyCORIS algorithm)")  # type: ignore[valid-type]
     dim: int = knob(4, "rank of Linear and 1x1 conv layers (network_dim)", lo=1, hi=1024)
     alpha: float = knob(1.0, "scale = alpha / dim (network_alpha)", lo=0.0)
     conv_dim: int = knob(4, "rank of 3x3 convs; 0 skips them", lo=0, hi=1024)
     conv_alpha: float = knob(1.0, "scale of 3x3 convs = conv_alpha / conv_dim", lo=0.0)
     use_tucker: bool = knob(False, "Tucker decomposition for 3x3 convs")
+    dora_wd: bool = knob(False, "DoRA weight decomposition (lora, locon, loha, lokr)")
+    factor: int = knob(-1, "LoKr Kronecker factor (-1: as balanced as the shape allows)", lo=-1)
+    decompose_both: bool = knob(False, "LoKr: low-rank decompose both Kronecker factors")
+    full_matrix: bool = knob(False, "LoKr: train full matrices, no low-rank factors")
+    use_scalar: bool = knob(False, "train a scalar on the delta instead of a zero init")
+    constraint: float = knob(0.0, "OFT: norm constraint (kohya_ss constrain; 0 = none)", lo=0.0)
+    rescaled: bool = knob(False, "OFT: train a rescale of the output")
     weights: str | None = knob(None, "start from this network file (kohya network_weights)")
 
 
@@ -127,7 +169,7 @@ class TrainSection:
     lr_warmup: float = knob(0.0, "warmup as a fraction of all steps", lo=0.0, hi=1.0)
     lr_scheduler_num_cycles: int = knob(1, "cycles of cosine_with_restarts", lo=1)
     lr_scheduler_power: float = knob(1.0, "power of the polynomial schedule", lo=0.0)
-    optimizer: Literal["AdamW", "AdamW8bit", "Prodigy"] = knob("AdamW", "optimizer")
+    optimizer: Literal[OPTIMIZERS] = knob("AdamW", "optimizer (kohya's names)")  # type: ignore[valid-type]
     optimizer_args: dict[str, Any] = knob({}, "extra optimizer keyword arguments")
     max_token_length: Literal[75, 150, 225] = knob(75, "caption tokens (chunks of 75)")
     no_token_padding: bool = knob(False, "pad captions to the longest in the batch only")
@@ -139,7 +181,7 @@ class TrainSection:
     attention: Literal["sdpa", "xformers"] = knob("sdpa", "attention backend")
     gradient_checkpointing: bool = knob(False, "trade compute for memory")
     loha_layer: Literal["factored", "fast", "low-memory", "lycoris"] = knob(
-        "fast",
+        "factored",
         "LoHA training layer, the same function each: factored never builds a full-size "
         "weight (where it pays), low-memory saves RAM/VRAM, lycoris = stock",
     )
@@ -211,11 +253,16 @@ class Recipe:
 
     def canonical_json(self) -> str:
         """The recipe as compact sorted JSON, without the keys that only say *where* files
-        go: the same recipe written to another folder is the same training, and gives the
-        same bytes."""
+        go (the same recipe written to another folder is the same training, and gives the
+        same bytes) and without LATER_KEYS at their defaults."""
         data = self.to_dict()
         for key in WHERE_KEYS:
             del data["output"][key]
+        for section, keys in LATER_KEYS.items():
+            default = type(getattr(self, section))()
+            for key in keys:
+                if data[section][key] == getattr(default, key):
+                    del data[section][key]
         return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
     def sha256(self) -> str:
