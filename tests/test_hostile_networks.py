@@ -84,6 +84,14 @@ def _lora_transposed(t: dict, lora: dict, m) -> None:
     _transposed(t, f"{FC1}.lora_up.weight", f"{FC1}.lora_down.weight")
 
 
+def _lokr_huge(t: dict, lora, m) -> None:
+    """fc1 as a LoKr whose Kronecker product would be 65536 x 65536 (16 GiB in fp32)."""
+    for key in [key for key in t if key.startswith(FC1 + ".")]:
+        del t[key]
+    t[f"{FC1}.lokr_w1"] = torch.full((65536, 1), 0.01, dtype=torch.float16)
+    t[f"{FC1}.lokr_w2"] = torch.full((1, 65536), 0.01, dtype=torch.float16)
+
+
 def _nan(key: str, value: float):
     def change(t: dict, lora, m) -> None:
         t[key] = t[key].clone()
@@ -119,6 +127,14 @@ REFUSED_BY_ALL = {
     "twice": (_twice, rf"{FC1} and lora_te1_\w+ are the same text-encoder layer under two"),
     "missing": (lambda t, lora, m: t.pop(f"{FC1}.hada_w2_b"), rf"{FC1}: hada_w2_b missing"),
     "alpha-vector": (_set(f"{FC1}.alpha", torch.ones(5)), rf"{FC1}\.alpha has shape \[5\]"),
+    "unknown-suffix": (  # a tensor no LoHA module has: A1111 and ComfyUI drop it silently
+        _set(f"{FC1}.hada_w3_a", torch.ones(64, 4, dtype=torch.float16)),
+        rf"{FC1}\.hada_w3_a: not a tensor of a LoHA module",
+    ),
+    "mixed-algos": (
+        _set(f"{FC1}.lokr_w1", torch.ones(8, 4, dtype=torch.float16)),
+        rf"{FC1} mixes LoHA and LoKr tensors",
+    ),
     "not-a-network": (
         lambda t, lora, m: (t.clear(), t.update({"first_stage_model.x": torch.ones(2)})),
         r"is not a LoRA/(LyCORIS|LoCon/LoHA) network",
@@ -140,6 +156,10 @@ REFUSED_WITH_A_MODEL = {
     ),
     "lora-transposed": (_lora_transposed, r"its factors are transposed"),
     "sd2": (_sd2, r"an SD 2\.x network: its cross-attention reads a 1024-wide text context"),
+    "lokr-huge": (  # refused from the shapes: nothing of 16 GiB is ever allocated
+        _lokr_huge,
+        r"65536x65536 change|\[65536, 65536\] delta|have no place in it",
+    ),
     "unknown-layer": (
         _unknown_layer,
         r"lora_unet_not_a_layer\S* (matches|match) no layer|no place",

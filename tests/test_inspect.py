@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import pytest
@@ -79,3 +80,36 @@ def test_not_a_network_is_one_line(tmp_path, kind):
         describe(path)
     assert "\n" not in str(error.value)
     assert main(["inspect", str(path)]) == 2
+
+
+@pytest.mark.parametrize(
+    ("spec", "algo", "args"),
+    [
+        (
+            NetworkSpec(algo="lokr", dim=1, conv_dim=1, decompose_both=True),
+            "LoKr",
+            r"LoKr: lokr_w1 \d+x\d+.* \(factor\), decompose_both on \d+ of \d+",
+        ),
+        (NetworkSpec(algo="lokr", full_matrix=True), "LoKr", r"full_matrix on (\d+) of \1"),
+        (NetworkSpec(algo="glora", dim=2), "GLoRA", r"^-$"),
+        (
+            NetworkSpec(algo="diag-oft", dim=4, constraint=0.01, rescaled=True),
+            "Diag-OFT",
+            r"Diag-OFT: block size [\d, ]+, constraint 0\.01, rescaled on (\d+) of \1",
+        ),
+        (NetworkSpec(algo="full"), "Full", r"Full: bias \(diff_b\) on \d+ of \d+"),
+        (NetworkSpec(algo="ia3"), "IA3", r"IA3: train_on_input on \d+ of \d+"),
+        (
+            NetworkSpec(algo="loha", dora_wd=True, use_tucker=True),
+            "LoHA + DoRA",
+            r"LoHA: use_tucker on \d+ of \d+; DoRA \(dora_wd\) on (\d+) of \1, magnitude per "
+            r"input column \(wd_on_output False\)",
+        ),
+    ],
+)
+def test_each_algo_and_its_arguments_are_shown(tmp_path, spec, algo, args):
+    path, _, _ = saved(tmp_path, spec, {"ss_network_args": '{"algo": "x"}'})
+    rows = dict(describe(path))
+    assert rows["algo"] == algo
+    assert re.search(args, rows["algo args"]), rows["algo args"]
+    assert rows["network args"] == '{"algo": "x"}'

@@ -8,9 +8,10 @@ import pytest
 from rich.console import Console
 
 from meebs.data.folders import epoch_samples
-from meebs.plan.memory import estimate_memory
+from meebs.plan.memory import OPTIMIZER_STATE, estimate_memory
 from meebs.plan.steps import scan_data
 from meebs.recipe.loading import load_recipe
+from meebs.recipe.schema import OPTIMIZERS
 from meebs.training.stop import StopFlag
 from meebs.training.train import prepare
 
@@ -92,3 +93,8 @@ def test_plan_shows_the_layer_paths_and_keeps_no_weight_for_factored_layers(caps
     taken, rest = factored.split(", fast on ")
     assert int(taken) + int(rest.split()[0]) == 354 and int(taken) > 300
     assert 0 < estimates["factored"] < 0.05 * estimates["fast"]
+
+
+def test_every_optimizer_has_a_state_size() -> None:
+    """A new optimizer in the schema must say how much state it keeps, or `plan` fails."""
+    assert set(OPTIMIZER_STATE) == set(OPTIMIZERS)

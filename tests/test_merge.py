@@ -8,6 +8,11 @@ convs, in both the UNet and the text encoder.
 
 from __future__ import annotations
 
+import gc
+import hashlib
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,14 +23,23 @@ from safetensors.torch import load_file, save_file
 
 from meebs.cli import main
 from meebs.errors import MeebsError
+from meebs.files.safetensors_io import save_file_atomic
 from meebs.interop.ldm_export import ldm_state_dict, save_ldm_file
 from meebs.models.base import TINY_CONFIGS, BaseModel, sha256_file
 from meebs.models.builtin_models import build_sd15_random, build_tiny
 from meebs.models.loading import load_base_model
 from meebs.models.sampling import SamplePrompt, generate_samples
-from meebs.models.single_file import parts_from_ldm
+from meebs.models.single_file import TensorReader, open_single_file, parts_from_ldm
 from meebs.network.build import NetworkSpec, build_network, load_network_file, save_network
-from meebs.use.merge import merge, merge_into, parse_network_arg, pin_path, read_network
+from meebs.network.deltas import module_delta
+from meebs.use.merge import (
+    merge,
+    merge_into,
+    merge_single_file,
+    parse_network_arg,
+    pin_path,
+    read_network,
+)
 
 SPECS = {
     "loha": NetworkSpec(algo="loha", dim=4, alpha=1.0, conv_dim=4, conv_alpha=2.0),
@@ -53,14 +67,14 @@ def eager_lycoris(monkeypatch):
     monkeypatch.setattr(dispatch, "_available", None)
 
 
-def trained_network(tmp_path, spec: NetworkSpec, name: str = "net"):
+def trained_network(tmp_path, spec: NetworkSpec, name: str = "net", model=None, std=0.3):
     """A network file whose every factor is random, as after training (init has w2_a = 0)."""
-    model = build_tiny()
+    model = model or build_tiny()
     torch.manual_seed(1)
     network = build_network(model.unet, model.text_encoder, spec)
     with torch.no_grad():
         for parameter in network.parameters():
-            parameter.normal_(0.0, 0.3)
+            parameter.normal_(0.0, std)
     file = tmp_path / f"{name}.safetensors"
     save_network(network, file, {}, torch.float32)
     network.restore()
@@ -461,3 +475,277 @@ def test_sd15_single_file_has_the_real_key_layout_and_loads_back_pinned(tmp_path
     loaded = load_base_model(builtin=None, path=into, sha256=digest, allow_pickle=False)
     assert loaded.sha256 == digest
     assert_same_weights(loaded, build_sd15_random(), torch.float16)
+
+
+# The streamed single-file merge (a single .safetensors base -> a single file) against the
+# in-memory merge it replaced, which stays here as the byte-for-byte reference.
+
+
+def in_memory_single_file_merge(base_file: Path, contents, into: Path, precision: str) -> str:
+    """What `merge` did with a single-file base before it streamed: the whole base read
+    (its three parts' keys, as `load_file` did) into a `BaseModel` (fp32), every network
+    merged in place (`merge_into`), then the LDM state dict converted to the output dtype
+    and written by one `safetensors.torch.save` (`save_file_atomic`, format "pt")."""
+    dtype = {"fp16": torch.float16, "fp32": torch.float32}[precision]
+    prefixes = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.")
+    with safe_open(base_file, framework="pt") as handle:
+        state = {key: handle.get_tensor(key) for key in handle.keys() if key.startswith(prefixes)}  # noqa: SIM118
+    unet, vae, text_encoder = parts_from_ldm(state, TINY_CONFIGS, base_file)
+    template = build_tiny()
+    model = BaseModel(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=template.tokenizer,
+        noise_scheduler=template.noise_scheduler,
+        sha256="0" * 64,
+        name="base",
+        legacy_hash=None,
+        source=str(base_file),
+    )
+    for network, modules in contents:
+        merge_into(model.unet, model.text_encoder, modules, network.weight)
+    ldm = {
+        key: value.detach().to(dtype).contiguous() for key, value in ldm_state_dict(model).items()
+    }
+    save_file_atomic(ldm, into, {"format": "pt"})
+    return sha256_file(into)
+
+
+def tiny_base_file(tmp_path, variant: str) -> Path:
+    """The tiny model as a single file. "fp16": as `merge` writes one. "published": like
+    the real SD 1.5 file: mixed dtypes (UNet fp16, text encoder fp32, VAE bf16), the keys
+    our export drops (EMA, schedule buffers, int64 position_ids), in safetensors' own
+    order and header, not ours."""
+    path = tmp_path / f"base-{variant}.safetensors"
+    if variant == "fp16":
+        save_ldm_file(build_tiny(seed=3), path, torch.float16)
+        return path
+    state = {}
+    for key, value in ldm_state_dict(build_tiny(seed=3)).items():
+        dtype = {"model.": torch.float16, "first_stage_model.": torch.bfloat16}.get(
+            key[: key.index(".") + 1], torch.float32
+        )
+        state[key] = value.detach().to(dtype).contiguous()
+    state["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(
+        16
+    ).reshape(1, 16)
+    state["model_ema.decay"] = torch.tensor(0.9999)
+    state["model_ema.diffusion_modelconv_inweight"] = torch.ones(3)
+    state["betas"] = torch.linspace(0.00085, 0.012, 10, dtype=torch.float64)
+    save_file(state, path, {"format": "pt", "note": "published"})
+    return path
+
+
+def streamed(base_file: Path, contents, into: Path, precision: str) -> str:
+    base = open_single_file(base_file, None, config_dir=TINY_CONFIGS)
+    return merge_single_file(contents, base, into, precision)
+
+
+# The algorithms added later: IA3, Diag-OFT, GLoRA and DoRA change a layer by an amount
+# computed from its weight as merged so far (`module_delta(base=...)`), Full also its bias.
+ALGO_SPECS = {
+    **SPECS,
+    "lokr": NetworkSpec(algo="lokr", dim=4, conv_dim=4),
+    "glora": NetworkSpec(algo="glora", dim=4, conv_dim=4),
+    "diag-oft": NetworkSpec(algo="diag-oft", dim=4, conv_dim=4),
+    "full": NetworkSpec(algo="full"),
+    "ia3": NetworkSpec(algo="ia3"),
+    "loha-dora": NetworkSpec(algo="loha", dim=4, conv_dim=4, dora_wd=True),
+}
+NETWORK_SETS = {
+    "none": [],
+    "loha": [("loha", 0.8)],
+    "lora-and-loha": [("lora", -0.5), ("loha", 1.0), ("locon-tucker", 0.3)],
+    "loha-tucker": [("loha-tucker", 2.0)],
+    "every-algo": [
+        ("full", 0.5),
+        ("ia3", 1.0),
+        ("diag-oft", 0.7),
+        ("lokr", -0.4),
+        ("glora", 0.6),
+        ("loha-dora", 1.0),
+    ],
+}
+
+
+@pytest.mark.parametrize(
+    ("variant", "precision", "networks"),
+    [
+        ("fp16", "fp16", "loha"),
+        ("fp16", "fp32", "lora-and-loha"),
+        ("published", "fp16", "lora-and-loha"),
+        ("published", "fp32", "loha-tucker"),
+        ("published", "fp16", "none"),
+        ("published", "fp16", "every-algo"),
+    ],
+)
+def test_streamed_merge_writes_the_bytes_of_the_in_memory_merge(
+    tmp_path, variant, precision, networks
+):
+    base_file = tiny_base_file(tmp_path, variant)
+    weighted = [
+        parse_network_arg(f"{trained_network(tmp_path, ALGO_SPECS[algo], algo, std=0.1)}:{weight}")
+        for algo, weight in NETWORK_SETS[networks]
+    ]
+    contents = [(network, read_network(network.path)) for network in weighted]
+    old, new = tmp_path / "old.safetensors", tmp_path / "new.safetensors"
+    expected = in_memory_single_file_merge(base_file, contents, old, precision)
+    assert streamed(base_file, contents, new, precision) == expected
+    assert new.read_bytes() == old.read_bytes()
+    assert sha256_file(new) == expected
+    assert list(tmp_path.glob(".*")) == []
+
+
+def test_streamed_merge_adds_a_full_networks_bias_change(tmp_path):
+    base_file = tiny_base_file(tmp_path, "fp16")
+    network = parse_network_arg(f"{trained_network(tmp_path, ALGO_SPECS['full'], 'full')}:0.5")
+    modules = read_network(network.path)
+    into = tmp_path / "merged.safetensors"
+    streamed(base_file, [(network, modules)], into, "fp32")
+    key = "cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.bias"
+    diff_b = modules["lora_te_text_model_encoder_layers_0_mlp_fc1"]["diff_b"]
+    before, after = load_file(base_file)[key].float(), load_file(into)[key]
+    assert torch.equal(after, before.add(diff_b.float(), alpha=0.5))
+    assert not torch.equal(after, before)
+
+
+def test_save_ldm_file_writes_the_bytes_of_one_safetensors_save(tmp_path):
+    """The streamed writer against `safetensors.torch.save` of the whole state dict."""
+    model = build_tiny()
+    for dtype in (torch.float16, torch.float32):
+        new, old = tmp_path / f"new-{dtype}.safetensors", tmp_path / f"old-{dtype}.safetensors"
+        digest = save_ldm_file(model, new, dtype)
+        state = {k: v.detach().to(dtype).contiguous() for k, v in ldm_state_dict(model).items()}
+        save_file_atomic(state, old, {"format": "pt"})
+        assert new.read_bytes() == old.read_bytes()
+        assert digest == hashlib.sha256(old.read_bytes()).hexdigest()
+
+
+def test_streamed_merge_refuses_a_weight_fp16_cannot_hold_and_writes_nothing(tmp_path):
+    base_file = tiny_base_file(tmp_path, "fp16")
+    network = parse_network_arg(f"{trained_network(tmp_path, SPECS['loha'])}:1e9")
+    into = tmp_path / "merged.safetensors"
+    with pytest.raises(MeebsError) as error:
+        streamed(base_file, [(network, read_network(network.path))], into, "fp16")
+    assert f"{network.path}: the merged text encoder weight encoder.layers." in str(error.value)
+    assert "is NaN or inf in fp16" in str(error.value)
+    assert not into.exists() and list(tmp_path.glob(".*")) == []
+    streamed(base_file, [(network, read_network(network.path))], into, "fp32")  # fp32 holds it
+
+
+def test_streamed_merge_names_an_unplaced_key_before_writing(tmp_path):
+    base_file = tiny_base_file(tmp_path, "fp16")
+    file = tmp_path / "odd.safetensors"
+    key = "lora_unet_no_such_layer"
+    save_file(
+        {f"{key}.lora_down.weight": torch.ones(4, 8), f"{key}.lora_up.weight": torch.ones(8, 4)},
+        file,
+    )
+    network = parse_network_arg(str(file))
+    into = tmp_path / "merged.safetensors"
+    with pytest.raises(MeebsError, match=re.escape(f"{file}: {key} matches no layer")):
+        streamed(base_file, [(network, read_network(file))], into, "fp16")
+    assert not into.exists() and list(tmp_path.glob(".*")) == []
+
+
+def test_ctrl_c_during_a_streamed_merge_leaves_no_file(tmp_path, monkeypatch):
+    base_file = tiny_base_file(tmp_path, "fp16")
+    network = parse_network_arg(str(trained_network(tmp_path, SPECS["loha"])))
+    read, calls = TensorReader.read, []
+
+    def interrupted(self, key):
+        calls.append(key)
+        if len(calls) == 20:
+            raise KeyboardInterrupt
+        return read(self, key)
+
+    monkeypatch.setattr(TensorReader, "read", interrupted)
+    into = tmp_path / "merged.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        streamed(base_file, [(network, read_network(network.path))], into, "fp16")
+    assert not into.exists() and list(tmp_path.glob(".*")) == []
+
+
+def test_the_reader_reopens_the_file_so_its_pages_leave_memory(tmp_path, monkeypatch):
+    """An mmap keeps every page it touched resident: the reader closes it every N bytes."""
+    import meebs.models.single_file as single_file
+
+    base_file = tiny_base_file(tmp_path, "fp16")
+    monkeypatch.setattr(single_file, "_REOPEN_BYTES", 1 << 16)
+    opened = []
+    real_open = single_file.safe_open
+    monkeypatch.setattr(
+        single_file, "safe_open", lambda *a, **k: opened.append(1) or real_open(*a, **k)
+    )
+    base = open_single_file(base_file, None, config_dir=TINY_CONFIGS)
+    expected = load_file(base_file)
+    with base.reader() as reader:
+        for key in sorted(expected):
+            assert torch.equal(reader.read(key), expected[key])
+    assert len(opened) > 3
+
+
+# The memory bound on the full-size SD 1.5 architecture. The merge runs as its own process
+# (entrypoint.py merge, the real command), started by a small wrapper that reports its
+# children's peak resident memory (getrusage RUSAGE_CHILDREN: the whole process, Python,
+# torch and diffusers included, and the pages of the base file it has mapped).
+PEAK_RSS_OF_CHILD = (
+    "import resource, subprocess, sys\n"
+    "code = subprocess.call(sys.argv[1:])\n"
+    "print('peak_rss_kib', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+    "sys.exit(code)\n"
+)
+ENTRYPOINT = Path(__file__).parents[1] / "entrypoint.py"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_sd15_single_file_merge_streams_within_twice_the_output_size(tmp_path):
+    """One LoHA into the 2.1 GB fp16 SD 1.5 single file: peak RSS <= 2 x the output file.
+
+    The in-memory merge peaked at 10.5 GiB on this (docs/networks.md); streamed, the
+    process holds its imports, the network and a few tensors (1.4 GiB). 3 minutes on
+    two shared cores: 40 s to build the random SD 1.5 model and write its file, the
+    rest the merge, mostly the LoHA deltas and the NaN/inf checks.
+    """
+    model = build_sd15_random()
+    base = tmp_path / "sd15.safetensors"
+    save_ldm_file(model, base, torch.float16)
+    network_file = trained_network(tmp_path, SPECS["loha"], "loha", model=model, std=0.05)
+    del model
+    gc.collect()
+    into = tmp_path / "merged.safetensors"
+    argv = [sys.executable, str(ENTRYPOINT), "merge", f"{network_file}:0.8", "--model", str(base)]
+    result = subprocess.run(
+        [sys.executable, "-c", PEAK_RSS_OF_CHILD, *argv, "--into", str(into)],
+        capture_output=True,
+        text=True,
+        timeout=840,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    peak = 1024 * int(result.stdout.split("peak_rss_kib")[-1])
+    size = into.stat().st_size
+    print(f"merge peak RSS {peak / 2**30:.2f} GiB, output {size / 2**30:.2f} GiB")
+    assert size > 2 * 10**9
+    assert peak <= 2 * size, f"peak RSS {peak:,} bytes > 2 x the output's {size:,}"
+    # The merge landed where the network says, on the right LDM keys.
+    modules = read_network(network_file)
+    checks = {
+        "cond_stage_model.transformer.text_model.encoder.layers.3.self_attn.q_proj.weight": (
+            "lora_te_text_model_encoder_layers_3_self_attn_q_proj"
+        ),
+        "model.diffusion_model.output_blocks.5.1.transformer_blocks.0.attn2.to_k.weight": (
+            "lora_unet_up_blocks_1_attentions_2_transformer_blocks_0_attn2_to_k"
+        ),
+        "model.diffusion_model.input_blocks.4.0.in_layers.2.weight": (
+            "lora_unet_down_blocks_1_resnets_0_conv1"
+        ),
+    }
+    with safe_open(base, framework="pt") as before, safe_open(into, framework="pt") as after:
+        for key, module_key in checks.items():
+            weight = before.get_tensor(key).float()
+            weight.add_(module_delta(module_key, modules[module_key], weight.shape), alpha=0.8)
+            assert torch.equal(after.get_tensor(key), weight.half()), key
+        vae = "first_stage_model.decoder.mid.attn_1.q.weight"
+        assert torch.equal(after.get_tensor(vae), before.get_tensor(vae))

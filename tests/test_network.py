@@ -517,7 +517,7 @@ def test_network_args_are_kohya_strings():
 @pytest.mark.parametrize(
     "fields",
     [
-        {"algo": "lokr"},
+        {"algo": "boft"},  # a lycoris algorithm the recipe does not offer
         {"dim": 0},
         {"conv_dim": -1},
         {"alpha": -1.0},

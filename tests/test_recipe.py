@@ -53,7 +53,7 @@ def test_minimal_recipe_gets_defaults(tmp_path):
             "data: {caption_dropout_rate: 1.5}",
             "data.caption_dropout_rate: 1.5 is out of range: must be between 0.0 and 1.0",
         ),
-        ("network: {algo: lokr}", "network.algo: expected one of 'loha', 'locon', 'lora'"),
+        ("network: {algo: boft}", "network.algo: expected one of 'loha', 'locon', 'lora', 'lokr'"),
         ("train: {max_token_length: 100}", "expected one of 75, 150, 225, got 100"),
         (
             "train: {lr_scheduler: constant, lr_warmup: 0.1}",

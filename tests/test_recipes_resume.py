@@ -1,11 +1,12 @@
-"""The user's path as written: every recipe in `recipes/`, and every optimizer, through
-save, Ctrl-C and `train --resume`, byte-identical to the run that never stopped.
+"""The user's path as written: every recipe in `recipes/` through save, Ctrl-C and
+`train --resume`, byte-identical to the run that never stopped (every optimizer of the
+schema goes through the same round trip in tests/test_optim.py).
 
 Each recipe runs as its file says (optimizer, precision fallback, schedule, text-encoder
 LR, noise offset, samples, validation) with only the size changed: the random `tiny`
 base instead of SD 1.5, 64 px, the first images of each of its folders, 2 epochs, and its
 sample prompts drawn at 64 px. A recipe added to `recipes/` is covered without touching
-this file; so is an optimizer added to the recipe schema.
+this file.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import hashlib
 import json
 import re
 import shutil
-import typing
 from pathlib import Path
 
 import pytest
@@ -25,20 +25,11 @@ from safetensors import safe_open
 from meebs.cli import main
 from meebs.plan.steps import make_plan, scan_data
 from meebs.recipe.loading import load_recipe
-from meebs.recipe.schema import TrainSection
 
 pytestmark = pytest.mark.slow  # trains, or starts processes: `make test-fast` skips it
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = sorted(p.stem for p in (REPO / "recipes").glob("*.yaml"))
-# The optimizers no recipe uses: a recipe's own optimizer goes through the same round trip
-# in the recipe test.
-IN_RECIPES = {load_recipe(REPO / "recipes" / f"{name}.yaml").train.optimizer for name in RECIPES}
-OTHER_OPTIMIZERS = [
-    name
-    for name in typing.get_args(typing.get_type_hints(TrainSection)["optimizer"])
-    if name not in IN_RECIPES
-]
 SIZE = 64
 
 
@@ -159,34 +150,3 @@ def test_every_recipe_stops_and_resumes_to_the_same_bytes(name, tmp_path, monkey
     assert recorded(cut) == recorded(whole)
     assert recorded(whole)["status"] == "finished"
     assert bool(recorded(whole)["val"]) == recipe.validation.enabled
-
-
-def test_the_recipes_use_the_optimizers_they_are_said_to():
-    """The recipe test covers AdamW (demo) and bitsandbytes' AdamW8bit (1.x) with its
-    nested quantisation state; the optimizer test below takes the rest."""
-    assert {"AdamW", "AdamW8bit"} <= IN_RECIPES
-    assert OTHER_OPTIMIZERS
-
-
-@pytest.mark.parametrize("optimizer", OTHER_OPTIMIZERS)
-def test_every_other_optimizer_stops_and_resumes_to_the_same_bytes(
-    optimizer, tmp_path, monkeypatch
-):
-    """The optimizer's whole state (e.g. Prodigy's step-size estimate) goes through
-    `resume.state` and comes back exactly."""
-    overrides = [
-        *resized("demo", tmp_path),
-        f"train.optimizer={optimizer}",
-        "train.batch_size=4",
-        "sample.every_n_epochs=0",
-        "validation.enabled=false",
-    ]
-    if optimizer == "Prodigy":
-        overrides.append("train.learning_rate=1.0")  # Prodigy's LR multiplies its estimate
-    demo = "recipes/demo.yaml"
-    whole = train_whole(demo, [*overrides, f"output.dir={tmp_path / 'w'}"], tmp_path / "w")
-    cut_overrides = [*overrides, f"output.dir={tmp_path / 'c'}"]
-    cut = stop_and_resume(monkeypatch, demo, cut_overrides, tmp_path / "c")
-    assert len(outputs(whole)) == 2
-    assert outputs(cut) == outputs(whole)
-    assert recorded(cut) == recorded(whole)

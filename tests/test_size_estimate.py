@@ -193,3 +193,105 @@ def test_sd15_network_file_size(tmp_path, sd15_random_parts, network):
     estimate = safetensors_size(network_shapes(recipe), "fp16", metadata)
     assert estimate.parameters == actual_numbers
     assert_close(estimate.file_bytes, actual_bytes)
+
+
+# Every algorithm, built with lycoris' own network class (as the trainer builds it), with
+# the tensors only that algorithm's file holds (issue 21).
+ALGO_NETWORKS = {
+    "lokr": {},
+    "lokr-both": {"decompose_both": True, "factor": 4},
+    "lokr-full": {"full_matrix": True},
+    "lokr-tucker": {"use_tucker": True},
+    "glora": {},
+    "diag-oft": {"constraint": 1e-3, "rescaled": True},
+    "full": {},
+    "ia3": {},
+    "lora-dora": {"weight_decompose": True},
+    "loha-dora": {"weight_decompose": True, "wd_on_out": False},
+    "lokr-dora": {"weight_decompose": True},
+    "loha-scalar": {"use_scalar": True},
+}
+
+
+def lycoris_network(unet, text_encoder, name: str):
+    """lycoris' kohya network of algo `name` on both parts, hooked in like the trainer's."""
+    from lycoris.kohya import LycorisNetworkKohya
+
+    from meebs.network.build import apply_sd15_preset, lycoris_text_encoder
+
+    apply_sd15_preset()  # GLoRA narrows lycoris' class-level targets: reset them
+    wrapped = lycoris_text_encoder(text_encoder)
+    network = LycorisNetworkKohya(
+        wrapped,
+        unet,
+        lora_dim=4,
+        alpha=1,
+        conv_lora_dim=4,
+        conv_alpha=1,
+        network_module="diag-oft" if name == "diag-oft" else name.split("-")[0],
+        **ALGO_NETWORKS[name],
+    )
+    network.apply_to(wrapped, unet, apply_text_encoder=True, apply_unet=True)
+    return network
+
+
+@pytest.mark.parametrize("name", list(ALGO_NETWORKS))
+def test_each_algos_file_size_is_estimated_from_weightless_modules(tmp_path, name):
+    """The plan's way (no weights: `_WeightlessCopies` where lycoris copies the base
+    weight) against the file `save_network` writes from the real tiny base."""
+    import json
+
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from meebs.models.base import TINY_CONFIGS
+    from meebs.plan.sizes import _WeightlessCopies
+
+    model = build_tiny()
+    torch.manual_seed(0)
+    network = lycoris_network(model.unet, model.text_encoder, name)
+    path = tmp_path / "net.safetensors"
+    metadata = {"ss_output_name": "n"}
+    save_network(network, path, metadata, torch.float16)
+    numbers = sum(value.numel() for value in network.state_dict().values())
+
+    def config(part: str) -> dict:
+        return json.loads((TINY_CONFIGS / part / "config.json").read_text(encoding="utf-8"))
+
+    with torch.random.fork_rng(), init_empty_weights():
+        unet = UNet2DConditionModel.from_config(config("unet"))
+        text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(config("text_encoder")))
+        with _WeightlessCopies():
+            weightless = lycoris_network(unet, text_encoder, name)
+    with _WeightlessCopies():
+        shapes = {key: tuple(value.shape) for key, value in weightless.state_dict().items()}
+    estimate = safetensors_size(shapes, "fp16", metadata)
+    assert estimate.parameters == numbers
+    assert_close(estimate.file_bytes, path.stat().st_size)
+
+
+@pytest.mark.parametrize(
+    "network",
+    [
+        {"algo": "lokr", "dim": 2, "factor": 4, "decompose_both": True},
+        {"algo": "glora", "dim": 2},
+        {"algo": "diag-oft", "dim": 4, "constraint": 0.01, "rescaled": True},
+        {"algo": "full"},
+        {"algo": "ia3"},
+        {"algo": "loha", "dora_wd": True},
+        {"algo": "lokr", "dora_wd": True, "use_tucker": True},
+    ],
+)
+def test_plans_estimate_of_each_algos_file(tmp_path, network):
+    """`network_shapes(recipe)`, the plan's path (the recipe's network on weightless
+    modules), against the file the trainer's own `build_network` + `save_network` write."""
+    recipe = recipe_with({"builtin": "tiny"}, network)
+    metadata = {"ss_output_name": "n"}
+    model = build_tiny()
+    actual_bytes, actual_numbers = saved_size(
+        tmp_path, recipe, model.unet, model.text_encoder, metadata
+    )
+    estimate = safetensors_size(network_shapes(recipe), "fp16", metadata)
+    assert estimate.parameters == actual_numbers
+    assert_close(estimate.file_bytes, actual_bytes)

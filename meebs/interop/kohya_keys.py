@@ -19,8 +19,18 @@ from typing import Any
 from meebs.errors import MeebsError
 
 # LoRA_type <-> network.algo. "lora" with k x k convs is kohya's own LoCon (networks.lora
-# with conv_dim); "Standard" LoRA leaves those convs alone.
-LORA_TYPES = {"LyCORIS/LoHa": "loha", "LyCORIS/LoCon": "locon", "Kohya LoCon": "lora"}
+# with conv_dim); "Standard" LoRA leaves those convs alone. The LyCORIS types are the
+# algorithms the GUI's lora_gui.py passes as `algo=` to lycoris.kohya.
+LORA_TYPES = {
+    "LyCORIS/LoHa": "loha",
+    "LyCORIS/LoCon": "locon",
+    "Kohya LoCon": "lora",
+    "LyCORIS/LoKr": "lokr",
+    "LyCORIS/GLoRA": "glora",
+    "LyCORIS/iA3": "ia3",
+    "LyCORIS/Diag-OFT": "diag-oft",
+    "LyCORIS/Native Fine-Tuning": "full",
+}
 STANDARD = "Standard"
 # kohya's save_precision "float" is fp32.
 SAVE_PRECISIONS = {"float": "fp32", "fp16": "fp16", "bf16": "bf16"}
@@ -32,6 +42,9 @@ class Converted:
 
     text: str
     notes: tuple[str, ...]  # one line each, for stderr
+    # recipe keys the config left empty (a preset): the text has them blank, with a
+    # comment, and `plan`/`train` stop until they are filled in
+    fill_in: tuple[str, ...] = ()
 
 
 # --------------------------------------------------------------------------- values
@@ -132,7 +145,9 @@ SIMPLE: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
 def parse_optimizer_args(text: str) -> dict[str, Any]:
     """kohya's `optimizer_args` "weight_decay=0.01 betas=0.9,0.99" as a mapping."""
     args: dict[str, Any] = {}
-    for item in text.split():
+    # the GUI drops every '"' before splitting (lora_gui.py: `.replace('"', "").split()`),
+    # so presets write '"weight_decay=0.1" "betas=0.9,0.99"'
+    for item in text.replace('"', "").split():
         name, sep, value = item.partition("=")
         if not sep or not name:
             raise value_error(

@@ -20,7 +20,10 @@ our loader drops and transformers rebuilds) and the DDPM schedule buffers (`beta
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hashlib
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +37,9 @@ from diffusers.loaders.single_file_utils import (
 from torch import Tensor
 
 from meebs.errors import MeebsError
-from meebs.files.safetensors_io import save_file_atomic
-from meebs.models.base import BaseModel, sha256_file
+from meebs.files.atomic_write import write_atomic
+from meebs.files.safetensors_io import canonical_header
+from meebs.models.base import BaseModel
 from meebs.models.single_file import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
 
 # Inside a block the LDM and diffusers names differ only for these layers.
@@ -57,17 +61,42 @@ _VAE_ATTENTION = {
     "to_out.0": "proj_out",
 }
 _TEXT_MODEL = "text_model."
+# What `safetensors.torch.save(..., metadata={"format": "pt"})` writes, which the first
+# version of this export used; the streamed writer keeps its bytes exactly.
+_METADATA = {"format": "pt"}
+_SAFETENSORS_DTYPES = {
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float32: "F32",
+    torch.float64: "F64",
+}
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One tensor of a file to write: its shape, known before any data, and how to make it.
+
+    `produce` is called once, when the tensor's turn comes, and must return a tensor of the
+    file's dtype and this shape; it is written and dropped before the next one is made.
+    """
+
+    shape: tuple[int, ...]
+    produce: Callable[[], Tensor]
 
 
 def ldm_state_dict(model: BaseModel) -> dict[str, Tensor]:
     """The UNet, VAE and text encoder in LDM keys; the tensors are the model's (or views)."""
-    unet_config, vae_config = dict(model.unet.config), dict(model.vae.config)
-    unet = model.unet.state_dict()
-    vae = model.vae.state_dict()
-    text = {
-        _TEXT_MODEL + k.removeprefix(_TEXT_MODEL): v
-        for k, v in model.text_encoder.state_dict().items()
-    }
+    return ldm_parts_state_dict(model.unet, model.vae, model.text_encoder)
+
+
+def ldm_parts_state_dict(
+    unet_part: torch.nn.Module, vae_part: torch.nn.Module, text_part: torch.nn.Module
+) -> dict[str, Tensor]:
+    """`ldm_state_dict` of three parts (which need not form a `BaseModel`)."""
+    unet_config, vae_config = dict(unet_part.config), dict(vae_part.config)
+    unet = unet_part.state_dict()
+    vae = vae_part.state_dict()
+    text = {_TEXT_MODEL + k.removeprefix(_TEXT_MODEL): v for k, v in text_part.state_dict().items()}
     state = {UNET_PREFIX + _unet_key(key, unet_config): value for key, value in unet.items()}
     for key, value in vae.items():
         ldm_key = _vae_key(key, vae_config)
@@ -82,13 +111,63 @@ def ldm_state_dict(model: BaseModel) -> dict[str, Tensor]:
 
 
 def save_ldm_file(model: BaseModel, path: Path, dtype: torch.dtype) -> str:
-    """Write `model` as a new single-file checkpoint in `dtype`, atomically; return its sha256."""
-    state = {
-        key: value.detach().to(dtype).contiguous() for key, value in ldm_state_dict(model).items()
+    """Write `model` as a new single-file checkpoint in `dtype`, atomically; return its sha256.
+
+    One tensor is converted to `dtype` at a time, as it is written (`write_ldm_file`).
+    """
+    planned = {
+        key: PlannedTensor(tuple(value.shape), lambda value=value: value.detach().to(dtype))
+        for key, value in ldm_state_dict(model).items()
     }
-    save_file_atomic(state, Path(path), {"format": "pt"})
-    del state
-    return sha256_file(Path(path))
+    return write_ldm_file(path, planned, dtype)
+
+
+def write_ldm_file(path: Path, planned: dict[str, PlannedTensor], dtype: torch.dtype) -> str:
+    """Write a safetensors file tensor by tensor, atomically; return its sha256.
+
+    The bytes are those `safetensors.torch.save(tensors, metadata={"format": "pt"})`
+    would give, with our canonical header (`canonical_header`): one dtype, so the data
+    is in key order without padding, and the header, which must come first, follows
+    from the shapes alone. Each tensor is made (`PlannedTensor.produce`), written and
+    dropped in turn, so memory holds a tensor or two, never the file (SD 1.5's
+    largest is the 76 MB fp16 token embedding). The temp file is fsynced and renamed
+    into place (`write_atomic`); an error or Ctrl-C while writing removes it, so `path`
+    is either complete or absent. The sha256 is computed from the bytes as written.
+    """
+    path = Path(path)
+    if path.exists():
+        raise MeebsError(f"{path} already exists; refusing to overwrite it")
+    order = sorted(planned)  # safetensors' order for tensors of one dtype
+    header: dict[str, Any] = {"__metadata__": _METADATA}
+    offset = 0
+    for key in order:
+        size = math.prod(planned[key].shape) * dtype.itemsize
+        header[key] = {
+            "dtype": _SAFETENSORS_DTYPES[dtype],
+            "shape": list(planned[key].shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    digest = hashlib.sha256()
+
+    def chunks() -> Iterator[bytes | memoryview]:
+        head = canonical_header(header)
+        digest.update(head)
+        yield head
+        for key in order:
+            tensor = planned[key].produce()
+            if tensor.dtype != dtype or tuple(tensor.shape) != planned[key].shape:
+                raise MeebsError(
+                    f"internal error: {key} came out {tensor.dtype} {list(tensor.shape)}, "
+                    f"planned {dtype} {list(planned[key].shape)}; nothing was written"
+                )
+            data = memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+            digest.update(data)
+            yield data
+            del tensor, data
+
+    write_atomic(path, chunks())
+    return digest.hexdigest()
 
 
 def _unet_key(key: str, config: dict[str, Any]) -> str:

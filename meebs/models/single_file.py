@@ -4,12 +4,18 @@
 no config: the parts are built from `meebs/configs/sd15/` and its keys are converted with
 diffusers' own single-file mapping, so nothing is ever fetched from a hub. The pin and the
 architecture are checked before any weights are read, and loading is strict.
+
+`open_single_file` reads a `.safetensors` checkpoint the same way without its weights:
+the parts get one-element placeholders that say which tensor of the file each parameter
+is, and `SingleFile.reader` reads those tensors one at a time (what `merge` streams).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import torch
@@ -25,7 +31,7 @@ from torch import nn
 from transformers import CLIPTextModel
 
 from meebs.errors import ModelError
-from meebs.files.safetensors_io import UnreadableFile, read_header, shown
+from meebs.files.safetensors_io import Header, UnreadableFile, read_header, shown
 from meebs.models.base import (
     SD15_CONFIGS,
     BaseModel,
@@ -53,6 +59,32 @@ CROSS_ATTENTION_KEY = UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2
 CONV_IN_KEY = UNET_PREFIX + "input_blocks.0.0.weight"
 SD1_CONTEXT_WIDTH = 768
 WEIGHT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+# safetensors dtype names -> torch (those torch has; a weight of another dtype is refused).
+_TORCH_DTYPES = {
+    name: dtype
+    for name, dtype in {
+        "BOOL": torch.bool,
+        "U8": torch.uint8,
+        "I8": torch.int8,
+        "I16": torch.int16,
+        "U16": getattr(torch, "uint16", None),
+        "I32": torch.int32,
+        "U32": getattr(torch, "uint32", None),
+        "I64": torch.int64,
+        "U64": getattr(torch, "uint64", None),
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "F32": torch.float32,
+        "F64": torch.float64,
+        "C64": torch.complex64,
+        "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
+        "F8_E5M2": getattr(torch, "float8_e5m2", None),
+    }.items()
+    if dtype is not None
+}
+# A reader closes and reopens the file after this many bytes: the pages an mmap has
+# touched stay resident (and counted) until it is unmapped.
+_REOPEN_BYTES = 64 << 20
 
 
 def load_file(path: Path, pin: str | None, allow_pickle: bool) -> BaseModel:
@@ -87,11 +119,131 @@ def load_file(path: Path, pin: str | None, allow_pickle: bool) -> BaseModel:
 
 def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Tensor names and shapes from the header only (checked: `read_header`)."""
+    return {key: entry.shape for key, entry in _checked_header(path).tensors.items()}
+
+
+def _checked_header(path: Path) -> Header:
     try:
-        header = read_header(path)
+        return read_header(path)
     except UnreadableFile as err:
         raise unreadable(path, f"bad safetensors header: {err.reason}") from None
-    return {key: entry.shape for key, entry in header.tensors.items()}
+
+
+@dataclass
+class SingleFile:
+    """A `.safetensors` checkpoint opened without reading its weights (`open_single_file`).
+
+    `unet`, `vae` and `text_encoder` are the parts as `load_file` would build them, but
+    every parameter is a one-element placeholder expanded to its shape, in the file's
+    dtype: names, shapes and layers are real, values are not (never compute with them).
+    `key_of` says which tensor of the file a parameter (or a view of it) stands for.
+    """
+
+    path: Path
+    sha256: str
+    header: Header
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    _placeholders: dict[str, torch.Tensor] = field(repr=False)
+    _sources: dict[int, str] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._sources = {
+            value.untyped_storage().data_ptr(): key for key, value in self._placeholders.items()
+        }
+
+    def key_of(self, tensor: torch.Tensor) -> str:
+        """The file's key for a placeholder parameter, or a view of one."""
+        key = self._sources.get(tensor.untyped_storage().data_ptr())
+        if key is None:
+            raise ModelError(
+                f"{self.path}: a {list(tensor.shape)} weight is no tensor of the file "
+                "(diffusers' converter built it): this diffusers version cannot be streamed"
+            )
+        return key
+
+    def reader(self) -> TensorReader:
+        """Reads the file's tensors one at a time; use it in a `with` block."""
+        return TensorReader(self.path, self.header)
+
+
+class TensorReader:
+    """One tensor at a time from a safetensors file, through `safe_open` (mmap).
+
+    The file is closed and opened again after every 64 MiB read: the pages a mapping
+    has touched stay resident, and counted in the process's memory, until it is closed.
+    """
+
+    def __init__(self, path: Path, header: Header) -> None:
+        self.path, self.header = path, header
+        self._handle: Any = None
+        self._read_since_open = 0
+
+    def __enter__(self) -> TensorReader:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._close()
+
+    def read(self, key: str) -> torch.Tensor:
+        """The tensor `key`, in its own memory (a copy, not a view of the mapping)."""
+        entry = self.header.tensors[key]
+        if self._handle is not None and self._read_since_open >= _REOPEN_BYTES:
+            self._close()
+        try:
+            if self._handle is None:
+                self._handle = safe_open(self.path, framework="pt").__enter__()
+            tensor = self._handle.get_tensor(key)
+        except (SafetensorError, OSError) as err:
+            raise unreadable(self.path, f"bad safetensors data: {first_line(err)[:200]}") from None
+        self._read_since_open += entry.end - entry.begin
+        return tensor
+
+    def _close(self) -> None:
+        if self._handle is not None:
+            handle, self._handle, self._read_since_open = self._handle, None, 0
+            handle.__exit__(None, None, None)
+
+
+def open_single_file(path: Path, pin: str | None, *, config_dir: Path = SD15_CONFIGS) -> SingleFile:
+    """A `.safetensors` checkpoint checked like `load_file` (pin, SD 1.x layout, weight
+    dtypes, strict conversion), its parts built with placeholders instead of weights.
+
+    Costs a sha256 of the file and a few MB: nothing but the header is read. The SD 1.x
+    layout check runs with the SD 1.5 configs, the only ones a user's file is read with;
+    tests read their tiny files with `TINY_CONFIGS`.
+    """
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        raise unreadable(path, "expected .safetensors")
+    digest = sha256_file(path)
+    check_pin(path, digest, pin)
+    header = _checked_header(path)
+    if config_dir == SD15_CONFIGS:
+        check_sd1_layout(path, {key: entry.shape for key, entry in header.tensors.items()})
+    prefixes = (UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX)
+    placeholders = {
+        key: _placeholder(path, key, entry.dtype, entry.shape)
+        for key, entry in header.tensors.items()
+        if key.startswith(prefixes)
+    }
+    check_weight_dtypes(path, placeholders)
+    unet, vae, text_encoder = parts_from_ldm(placeholders, config_dir, path)
+    return SingleFile(path, digest, header, unet, vae, text_encoder, placeholders)
+
+
+def _placeholder(path: Path, key: str, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """One element of its own (so its address names it), seen in the tensor's shape."""
+    torch_dtype = _TORCH_DTYPES.get(dtype)
+    if torch_dtype is None:
+        raise _weight_dtype_error(path, key, dtype)
+    return torch.zeros((1,) * len(shape), dtype=torch_dtype).expand(shape)
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -114,11 +266,14 @@ def check_weight_dtypes(path: Path, state: dict[str, torch.Tensor]) -> None:
         dtype = state[key].dtype
         weight = key.startswith(prefixes) and not key.endswith("position_ids")
         if weight and dtype not in WEIGHT_DTYPES:
-            raise ModelError(
-                f"{path}: {shown(key)} is {str(dtype).removeprefix('torch.')}; SD weights "
-                "must be float16, bfloat16, float32 or float64: use an unquantized "
-                "SD 1.x checkpoint"
-            )
+            raise _weight_dtype_error(path, key, str(dtype).removeprefix("torch."))
+
+
+def _weight_dtype_error(path: Path, key: str, dtype: str) -> ModelError:
+    return ModelError(
+        f"{path}: {shown(key)} is {dtype}; SD weights must be float16, bfloat16, float32 "
+        "or float64: use an unquantized SD 1.x checkpoint"
+    )
 
 
 def _read_pickle(path: Path) -> dict[str, torch.Tensor]:

@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from lycoris.modules.base import LycorisBaseModule
 from lycoris.modules.loha import LohaModule
 from torch import Tensor, nn
 
@@ -44,12 +45,13 @@ def use_layer_path(loras: Sequence[nn.Module], path: str) -> dict[str, int]:
     path now computes (`layer_paths`).
 
     Call after lycoris has applied the network (its `apply_to` sets the org modules'
-    forward); calling again with another path switches back and forth.
+    forward); calling again with another path switches back and forth. Modules of the
+    other algorithms keep the forward lycoris gave them and count as "lycoris".
     """
     _check(path)
     for lora in loras:
         taken = layer_path(lora, path)
-        if taken is not None:
+        if taken is not None and isinstance(lora, LohaModule):
             route(lora, taken)
     return layer_paths(loras, path)
 
@@ -70,12 +72,14 @@ def layer_paths(loras: Sequence[nn.Module], path: str) -> dict[str, int]:
 
 def layer_path(lora: nn.Module, path: str) -> str | None:
     """The path that computes `lora`'s layer: `path`, except that "factored" takes a
-    layer only where `factored_pays` ("fast" elsewhere) and a module using a feature
-    only lycoris implements keeps lycoris' forward; None for a module that is no LoHA."""
+    layer only where `factored_pays` ("fast" elsewhere), and that a LoHA module using a
+    feature only lycoris implements (DoRA, a trained scalar...) and every module of
+    another algorithm (LoKr, LoCon, (IA)^3...) keep lycoris' own forward; None for
+    anything that is no lycoris module of a supported layer."""
     _check(path)
-    if not isinstance(lora, LohaModule) or lora.not_supported:
+    if not isinstance(lora, LycorisBaseModule) or lora.not_supported:
         return None
-    if not _supported(lora):
+    if not isinstance(lora, LohaModule) or not _supported(lora):
         return "lycoris"
     if path == "factored" and not factored_pays(lora):
         return "fast"

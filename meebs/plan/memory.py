@@ -29,8 +29,26 @@ GIB = 2**30
 # (intercept); SD 1.5 on an H200 (torch 2.11, CUDA 13, SDPA, fp16 autocast), fitted to
 # batch 2 at 256 and 512 px (ci/gpu_bench.sh, docs/performance.md "Measured").
 ACTIVATIONS = {False: (2.87e-4, 0.189), True: (2.39e-5, 0.967)}  # gradient checkpointing?
-# Bytes of optimizer state per trained parameter.
-OPTIMIZER_STATE = {"AdamW": 8, "AdamW8bit": 2, "Prodigy": 16}
+# Bytes of optimizer state per trained parameter, read from each optimizer's state
+# (Adafactor keeps a row and a column per matrix: about nothing for a network's factors).
+OPTIMIZER_STATE = {
+    "AdamW": 8,
+    "AdamW8bit": 2,
+    "PagedAdamW8bit": 2,
+    "Lion": 4,
+    "Lion8bit": 1,
+    "PagedLion8bit": 1,
+    "SGDNesterov": 4,
+    "SGDNesterov8bit": 1,
+    "Adafactor": 0,
+    "DAdaptation": 12,
+    "DAdaptAdam": 12,
+    "DAdaptAdaGrad": 12,
+    "DAdaptAdan": 20,
+    "DAdaptLion": 8,
+    "DAdaptSGD": 8,
+    "Prodigy": 16,
+}
 # lycoris' own forward keeps a delta weight and a merged weight per layer: measured 19%
 # more than the one effective weight the "fast" path keeps.
 LYCORIS_LAYER_FACTOR = 1.19
@@ -76,7 +94,7 @@ def estimate_memory(
     frozen = (_count(model.unet) + _count(model.text_encoder)) * compute_bytes
     frozen += _count(model.vae) * 4
     trained = _count(model.network)
-    state = 4 + 4 + OPTIMIZER_STATE.get(train.optimizer, 8)
+    state = 4 + 4 + OPTIMIZER_STATE[train.optimizer]
     layer = _layer_bytes(recipe, model.network.loras) * compute_bytes
     slope, intercept = ACTIVATIONS[train.gradient_checkpointing]
     width, height = recipe.data.resolution

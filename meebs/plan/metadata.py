@@ -47,6 +47,13 @@ def network_spec(recipe: Recipe) -> NetworkSpec:
         conv_dim=net.conv_dim,
         conv_alpha=net.conv_alpha,
         use_tucker=net.use_tucker,
+        dora_wd=net.dora_wd,
+        factor=net.factor,
+        decompose_both=net.decompose_both,
+        full_matrix=net.full_matrix,
+        use_scalar=net.use_scalar,
+        constraint=net.constraint,
+        rescaled=net.rescaled,
     )
 
 

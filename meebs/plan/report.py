@@ -74,10 +74,8 @@ def print_plan(recipe: Recipe, scan: DatasetScan, plan: Plan, console: Console) 
         console.print("A range: the final file names the epoch validation recommends.")
     for line in estimate_memory(recipe, scan, model).describe():
         console.print(line)
-    paths = layer_paths(model.network.loras, recipe.train.loha_layer)
-    if paths:
-        taken = ", ".join(f"{path} on {count}" for path, count in paths.items())
-        console.print(f"LoHA layers (train.loha_layer={recipe.train.loha_layer}): {taken}")
+    for line in layer_lines(recipe, layer_paths(model.network.loras, recipe.train.loha_layer)):
+        console.print(line)
     if scan.held_out:
         _print_held_out(recipe, scan, plan, console)
     keep = recipe.output.keep_last_n_epochs
@@ -85,6 +83,23 @@ def print_plan(recipe: Recipe, scan: DatasetScan, plan: Plan, console: Console) 
         console.print(f"Only the last {keep} epoch file(s) are kept; older ones are removed.")
     for warning in scan.warnings:
         console.print(f"[yellow]warning:[/yellow] {warning}")
+
+
+def layer_lines(recipe: Recipe, paths: dict[str, int]) -> list[str]:
+    """Which forward computes the network's layers: LoHA's own paths (train.loha_layer),
+    or lycoris' forward for every other algorithm and for LoHA modules with DoRA or a
+    trained scalar, which only lycoris implements."""
+    algo, chosen = recipe.network.algo, recipe.train.loha_layer
+    if algo != "loha":
+        count = paths.get("lycoris", 0)
+        return [f"{algo} on {count} modules (lycoris' own forward; train.loha_layer is LoHA's)"]
+    if not paths:
+        return []
+    taken = ", ".join(f"{path} on {count}" for path, count in paths.items())
+    line = f"LoHA layers (train.loha_layer={chosen}): {taken}"
+    if chosen != "lycoris" and "lycoris" in paths:
+        line += " (DoRA and use_scalar modules take lycoris' own forward)"
+    return [line]
 
 
 def _buckets_text(plan: Plan) -> str:

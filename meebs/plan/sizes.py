@@ -8,7 +8,12 @@ code the trainer uses (`meebs.network.build.build_network`), but on a base model
 are never allocated (accelerate's `init_empty_weights`: the modules have shapes only), so
 the tensor names and shapes are the real ones and the full SD 1.5 costs well under a
 second. Each file is then sized like `meebs.files.safetensors_io` writes it: tensor bytes in
-the save precision plus the canonical JSON header (padded to 8 bytes).
+the save precision plus the canonical JSON header (padded to 8 bytes). Every algorithm
+gives its own tensors this way (LoKr's Kronecker halves, Diag-OFT's blocks, IA3's one
+number per channel, Full's whole-layer diff and diff_b, DoRA's dora_scale): lycoris'
+Full and DoRA copy the base weight to the CPU when built and saved, which a weightless
+weight cannot give, so that copy is the weightless weight itself while the network is
+built and its tensors listed (`_WeightlessCopies`).
 
 The header holds the run's facts, and their lengths differ from file to file: the epoch,
 the step and the title of each file, the precision, optimizer and attention this machine
@@ -28,6 +33,7 @@ from typing import Any
 import torch
 from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from torch.overrides import TorchFunctionMode
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from meebs.data.folders import DatasetScan
@@ -123,7 +129,22 @@ def _file_metadata(
 def network_shapes(recipe: Recipe, model: EmptyModel | None = None) -> dict[str, tuple[int, ...]]:
     """Name and shape of every tensor the recipe's network file will hold."""
     network = (model or empty_model(recipe)).network
-    return {key: tuple(value.shape) for key, value in network.state_dict().items()}
+    with _WeightlessCopies():
+        return {key: tuple(value.shape) for key, value in network.state_dict().items()}
+
+
+class _WeightlessCopies(TorchFunctionMode):
+    """Inside it, `.cpu()` of a weightless (meta) tensor is that tensor, not an error.
+
+    lycoris' Full module keeps a CPU copy of the layer's weight and bias and saves
+    `weight - copy`; DoRA takes its magnitude from a CPU copy of the weight. On the plan's
+    weightless model the copy has nothing to copy, and its shape is all that is needed.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.cpu and args and getattr(args[0], "is_meta", False):
+            return args[0]
+        return func(*args, **(kwargs or {}))
 
 
 @dataclass(frozen=True)
@@ -146,7 +167,8 @@ def empty_model(recipe: Recipe) -> EmptyModel:
         unet = UNet2DConditionModel.from_config(_read_config(config_dir, "unet"))
         text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(text_config))
         vae = AutoencoderKL.from_config(_read_config(_vae_config_dir(recipe), "vae"))
-        network = recipe_network(recipe, unet, text_encoder)
+        with _WeightlessCopies():
+            network = recipe_network(recipe, unet, text_encoder)
     return EmptyModel(unet, text_encoder, vae, network, text_config)
 
 

@@ -28,9 +28,11 @@ from meebs.files.hash_cache import cached_sha256
 from meebs.models.sampling import generate_samples, sample_file_name
 from meebs.network.build import (
     SAVE_DTYPES,
+    load_train_state,
     network_state_dict,
     refuse_non_finite,
     save_network,
+    train_state,
 )
 from meebs.plan.metadata import RECOMMENDED_EPOCH_KEY, build_metadata
 from meebs.runs.manifest import (
@@ -139,7 +141,7 @@ class Loop:
                 generators[f"cuda.{index}"] = state
         state = TrainState(
             position=position,
-            network=self.network.state_dict(),
+            network=train_state(self.network),
             optimizer=self.optimizer.state_dict(),
             lr_scheduler=self.lr_scheduler.state_dict(),
             generators=generators,
@@ -148,7 +150,7 @@ class Loop:
 
     def restore(self, state: TrainState) -> None:
         """Load a saved state; `run` then continues from its position."""
-        self.network.load_state_dict(state.network)
+        load_train_state(self.network, state.network)
         self.optimizer.load_state_dict(state.optimizer)
         self.lr_scheduler.load_state_dict(state.lr_scheduler)
         self.step = state.position.step

@@ -12,6 +12,14 @@ folder; fp16 by default, like published checkpoints) or a diffusers folder (`--i
 text encoder with `text_model.` keys, as ComfyUI's loader expects; fp32 by default, as
 before). Either comes with `<name>.sha256`, so it can be trained on or generated with as
 `model.path` + `model.sha256`.
+
+A merge from a single `.safetensors` base into a single file is streamed
+(`merge_single_file`): the base is never loaded as a model. The output header is computed
+first from the base's; then each tensor is read, gets the networks' changes if a module
+names its layer, is written and dropped, so memory holds a tensor or two, never the
+model. The bytes are the ones the in-memory path wrote (same keys, order, dtype steps and
+metadata; tested against it). Other bases (built-ins, diffusers folders) are loaded,
+merged in place and written tensor by tensor (`save_ldm_file`).
 """
 
 from __future__ import annotations
@@ -30,11 +38,16 @@ from meebs.errors import MeebsError
 from meebs.files.atomic_write import write_text_atomic
 from meebs.files.safetensors_io import read_header, shown
 from meebs.interop.diffusers_export import save_diffusers_folder
-from meebs.interop.ldm_export import save_ldm_file
+from meebs.interop.ldm_export import (
+    PlannedTensor,
+    ldm_parts_state_dict,
+    save_ldm_file,
+    write_ldm_file,
+)
 from meebs.models.base import BaseModel
 from meebs.models.loading import load_base_model
-from meebs.models.single_file import PICKLE_SUFFIXES
-from meebs.network.deltas import MARKERS, module_delta
+from meebs.models.single_file import PICKLE_SUFFIXES, SingleFile, TensorReader, open_single_file
+from meebs.network.deltas import MARKERS, bias_delta, module_delta
 from meebs.network.kohya_names import kohya_layers, looks_like_sdxl
 from meebs.network.network_file import check_one_prefix, load_network_tensors
 
@@ -111,9 +124,14 @@ def merge_into(
             raise MeebsError(_unplaced(module_key))
     with torch.no_grad():
         for module_key, tensors in sorted(modules.items()):
-            layer_weight = layers[module_key].weight
-            delta = module_delta(module_key, tensors, layer_weight.shape)
+            layer = layers[module_key]
+            layer_weight = layer.weight
+            delta = module_delta(module_key, tensors, layer_weight.shape, base=layer_weight)
             layer_weight.add_(delta.to(layer_weight.dtype), alpha=weight)
+            bias = layer.bias
+            change = bias_delta(module_key, tensors, None if bias is None else bias.shape)
+            if change is not None:
+                bias.add_(change.to(bias.dtype), alpha=weight)
 
 
 def merge(
@@ -140,6 +158,11 @@ def merge(
     if not into.parent.is_dir():
         raise MeebsError(f"{into.parent} is not a folder: create it first")
     contents = [(network, read_network(network.path)) for network in networks]
+    if kind == "file" and model_path is not None and _safetensors_file(Path(model_path)):
+        base = open_single_file(Path(model_path).expanduser(), sha256)
+        digest = merge_single_file(contents, base, into, precision)
+        write_text_atomic(pin_file, f"{digest}  {into.name}\n")
+        return digest
     model: BaseModel = load_base_model(
         builtin=builtin, path=model_path, sha256=sha256, allow_pickle=False
     )
@@ -159,18 +182,143 @@ def merge(
     return digest
 
 
+def _safetensors_file(path: Path) -> bool:
+    path = path.expanduser()
+    return path.suffix.lower() == ".safetensors" and path.is_file()
+
+
+def merge_single_file(
+    contents: list[tuple[WeightedNetwork, dict[str, dict[str, Tensor]]]],
+    base: SingleFile,
+    into: Path,
+    precision: str,
+) -> str:
+    """Write `base` with the networks merged into `into` (LDM layout), streamed; return
+    its sha256.
+
+    Every tensor of the output goes through the steps the in-memory path takes, so the
+    bytes are the same: the base's tensor as `BaseModel` holds it (`.float()`), each
+    network's delta (and a Full module's bias change) added in network order
+    (`merge_into`'s `add_`), the output dtype, the NaN/inf check of UNet and
+    text-encoder weights. Names are checked before the
+    write starts; a delta or NaN error found while writing removes the temp file.
+    """
+    dtype = PRECISIONS[precision]
+    networks = [network for network, _ in contents]
+    layers = kohya_layers(base.unet, base.text_encoder)
+    merges: dict[str, list[_Change]] = defaultdict(list)
+    for network, modules in contents:
+        for module_key in sorted(modules):
+            if module_key not in layers:
+                raise MeebsError(f"{network.path}: {_unplaced(module_key)}")
+            layer, tensors = layers[module_key], modules[module_key]
+            merges[base.key_of(layer.weight)].append(_Change(network, module_key, tensors))
+            if "diff_b" in tensors:  # Full's bias change: checked here, added when written
+                bias = None if layer.bias is None else layer.bias.shape
+                try:
+                    bias_delta(module_key, tensors, bias)
+                except MeebsError as error:
+                    raise MeebsError(f"{network.path}: {error}") from None
+                change = _Change(network, module_key, tensors, bias=True)
+                merges[base.key_of(layer.bias)].append(change)
+    checked = {
+        base.key_of(weight): (part_name, name)
+        for part_name, part in (("UNet", base.unet), ("text encoder", base.text_encoder))
+        for name, weight in part.named_parameters()
+    }
+    layer_shapes = {
+        base.key_of(value): tuple(value.shape)
+        for part in (base.unet, base.vae, base.text_encoder)
+        for value in part.state_dict().values()
+    }
+    state = ldm_parts_state_dict(base.unet, base.vae, base.text_encoder)
+    with base.reader() as reader:
+        planned = {}
+        for key, placeholder in state.items():
+            source = base.key_of(placeholder)
+            step = _MergedTensor(
+                reader=reader,
+                source=source,
+                layer_shape=layer_shapes[source],
+                shape=tuple(placeholder.shape),
+                precision=precision,
+                merges=merges.get(source, []),
+                checked_as=checked.get(source),
+                networks=networks,
+            )
+            planned[key] = PlannedTensor(step.shape, step.produce)
+        return write_ldm_file(into, planned, dtype)
+
+
+@dataclass(frozen=True)
+class _Change:
+    """One module's change to one tensor of the base: its weight, or (Full's `diff_b`)
+    its bias."""
+
+    network: WeightedNetwork
+    module_key: str
+    tensors: dict[str, Tensor]
+    bias: bool = False
+
+    def delta(self, current: Tensor) -> Tensor:
+        """The change, for the tensor as merged so far (what `merge_into` gives `base`)."""
+        try:
+            if self.bias:
+                change = bias_delta(self.module_key, self.tensors, current.shape)
+                assert change is not None  # only modules with a diff_b get here
+                return change
+            return module_delta(self.module_key, self.tensors, current.shape, base=current)
+        except MeebsError as error:
+            raise MeebsError(f"{self.network.path}: {error}") from None
+
+
+@dataclass(frozen=True)
+class _MergedTensor:
+    """One output tensor of `merge_single_file`, made when the writer asks for it."""
+
+    reader: TensorReader
+    source: str  # the base file's key
+    layer_shape: tuple[int, ...]  # the diffusers parameter's shape, which deltas have
+    shape: tuple[int, ...]  # the output's shape
+    precision: str
+    merges: list[_Change]
+    checked_as: tuple[str, str] | None  # (part, parameter name) for the NaN/inf check
+    networks: list[WeightedNetwork]
+
+    def produce(self) -> Tensor:
+        weight = self.reader.read(self.source)
+        if weight.is_floating_point():
+            weight = weight.float()  # what BaseModel does to every part it holds
+        weight = weight.reshape(self.layer_shape)
+        with torch.no_grad():
+            for change in self.merges:
+                delta = change.delta(weight)
+                weight.add_(delta.to(weight.dtype), alpha=change.network.weight)
+                del delta
+        merged = weight.reshape(self.shape).to(PRECISIONS[self.precision]).contiguous()
+        if self.checked_as is not None and not torch.isfinite(merged).all():
+            raise _non_finite(self.networks, *self.checked_as, self.precision)
+        return merged
+
+
 def _refuse_non_finite(model: BaseModel, precision: str, networks: list[WeightedNetwork]) -> None:
     """Write nothing if a merged weight is NaN or inf in the output precision: every
     loader would draw black with it. fp16 ends at 65504, so a large weight may need fp32."""
     for part_name, part in (("UNet", model.unet), ("text encoder", model.text_encoder)):
         for name, weight in part.named_parameters():
             if not torch.isfinite(weight.detach().to(PRECISIONS[precision])).all():
-                raise MeebsError(
-                    f"{', '.join(str(n.path) for n in networks)}: the merged {part_name} "
-                    f"weight {name} is NaN or inf in {precision} (fp16 ends at 65504); "
-                    "nothing was written: lower the network's weight, or give "
-                    "--save-precision fp32"
-                )
+                raise _non_finite(networks, part_name, name, precision)
+
+
+def _non_finite(
+    networks: list[WeightedNetwork], part_name: str, name: str, precision: str
+) -> MeebsError:
+    return MeebsError(
+        f"{', '.join(str(n.path) for n in networks)}: the merged {part_name} "
+        f"weight {name} is NaN or inf in {precision} (fp16 ends at 65504); "
+        "nothing was written: lower the network's weight, or give "
+        "--save-precision fp32"
+    )
 
 
 def output_kind(into: Path) -> str:

@@ -2,7 +2,8 @@
 
 Property (fuzz/one_line.py): any file gives a conversion or a `MeebsError` of one line,
 never another exception and never a hang. A conversion is also usable: every note is one
-line, and the recipe text it prints is one that `load_recipe` accepts.
+line, and the recipe text it prints is one that `load_recipe` accepts once the keys a
+preset leaves empty (`Converted.fill_in`: the model, the image folder) are filled in.
 
 Inputs: random bytes and text; random JSON values; the real configs in
 tests/kohya_configs/ with keys dropped, retyped (the strings older GUIs wrote included),
@@ -45,7 +46,15 @@ CONFIGS = {
     path.name: json.loads(path.read_text(encoding="utf-8"))
     for path in sorted(REPO.glob("tests/kohya_configs/*.json"))
 }
-KEYS = sorted({key for config in CONFIGS.values() for key in config})
+# the SD 1.x configs kohya_ss ships (kohya_configs/kohya_ss/README.md): presets, LyCORIS
+# types, DreamBooth and textual-inversion configs
+KOHYA_SS = {
+    path.name: json.loads(path.read_text(encoding="utf-8"))
+    for path in sorted(REPO.glob("tests/kohya_configs/kohya_ss/*.json"))
+}
+KEYS = sorted({key for config in (*CONFIGS.values(), *KOHYA_SS.values()) for key in config})
+# What the user fills in where a preset left it empty.
+FILLED = {"model.path": "models/sd15.safetensors", "data.train_dir": "data/img"}
 
 
 def check_import(content: str | bytes) -> Converted | MeebsError:
@@ -62,7 +71,8 @@ def check_import(content: str | bytes) -> Converted | MeebsError:
                 assert "\n" not in note and "\r" not in note, f"a note of several lines: {note!r}"
             recipe_file = Path(tmp) / "imported.yaml"
             recipe_file.write_text(result.text, encoding="utf-8")
-            check_usable(load_recipe(recipe_file), Path(tmp))  # it prints a usable recipe
+            filled = [f"{key}={FILLED[key]}" for key in result.fill_in]
+            check_usable(load_recipe(recipe_file, filled), Path(tmp))  # a usable recipe
         return result
 
 
@@ -96,9 +106,9 @@ def test_random_json_values(value):
 
 
 @st.composite
-def mutated_configs(draw) -> dict[str, Any]:
+def mutated_configs(draw, pool: dict[str, dict[str, Any]] = CONFIGS) -> dict[str, Any]:
     """A real config with one to four keys dropped, stringified or set to a strange value."""
-    config = dict(CONFIGS[draw(st.sampled_from(sorted(CONFIGS)))])
+    config = dict(pool[draw(st.sampled_from(sorted(pool)))])
     for _ in range(draw(st.integers(1, 4))):
         key = draw(st.sampled_from(KEYS) | st.text(max_size=12))
         action = draw(st.sampled_from(["drop", "string", "set", "set", "set"]))
@@ -130,6 +140,17 @@ LOHA = CONFIGS["loha.json"]
 @example(LOHA | {"a\nb": 1})  # the note listing unconverted keys broke its line
 @example(LOHA | {"noise_offset_type": "a\nb"})
 def test_mutated_real_configs(config):
+    check_import(as_json(config))
+
+
+@given(mutated_configs(KOHYA_SS))
+@example(KOHYA_SS["preset-sd15-LoKR-v1.0.json"] | {"factor": 1e99})  # a 100-digit factor
+@example(KOHYA_SS["preset-sd15-LoKR-v1.0.json"] | {"network_dim": 1500, "factor": 2})
+@example(KOHYA_SS["preset-loha-sd15.json"] | {"bucket_reso_steps": 10**99})
+@example(KOHYA_SS["preset-loha-sd15.json"] | {"max_resolution": "-650,3"})
+@example(KOHYA_SS["test-Diag-OFT-AdamW8bit-toml.json"] | {"constrain": "nan"})
+@example(KOHYA_SS["preset-lion_optimizer.json"] | {"use_8bit_adam": []})
+def test_mutated_kohya_ss_configs(config):
     check_import(as_json(config))
 
 
