@@ -10,6 +10,7 @@ relative to `model.diffusion_model` (UNet) or to the CLIP `transformer` (text en
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 # AUTOMATIC1111 renames ResnetBlock2D layers to their LDM names; attention layers keep
 # their diffusers names (proj_in, transformer_blocks_0_attn1_to_q, ...).
@@ -98,3 +99,17 @@ _UNET_RULES = [
         lambda i: f"output_blocks_{2 + 3 * i}_{2 if i > 0 else 1}_conv",
     ),
 ]
+
+
+REFERENCE = Path(__file__).parent / "reference_sd15"
+
+
+def reference_layers(file_name: str) -> dict[str, tuple[int, ...]]:
+    """Flattened layer name ("." -> "_", as the loaders match them) -> weight shape, from
+    one of the reference lists in tests/reference_sd15/."""
+    layers = {}
+    for line in (REFERENCE / file_name).read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, shape = line.split()
+            layers[name.replace(".", "_")] = tuple(int(size) for size in shape.split("x"))
+    return layers

@@ -34,25 +34,14 @@ from torch import nn
 
 from meebs.errors import MeebsError
 from meebs.models.builtin_models import build_tiny
+from meebs.network.algo_tensors import misfit, modules_of, needs_base
 from meebs.network.apply import apply_network, remove_network
-from meebs.network.build import (
-    NetworkSpec,
-    apply_sd15_preset,
-    build_network,
-    load_network_weights,
-    load_train_state,
-    lycoris_text_encoder,
-    save_network,
-    train_state,
-)
+from meebs.network.build import NetworkSpec, apply_sd15_preset, build_network, lycoris_text_encoder
 from meebs.network.deltas import bias_delta, module_delta
-from meebs.network.network_file import (
-    load_network_tensors,
-    misfit,
-    modules_of,
-    needs_base,
-    read_network_header,
-)
+from meebs.network.load_weights import load_network_weights
+from meebs.network.network_file import load_network_tensors, read_network_header
+from meebs.network.resume_tensors import load_train_state, train_state
+from meebs.network.save import save_network
 from meebs.use.inspect import algo_args
 
 NAME = "lora_unet_test"

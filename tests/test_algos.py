@@ -26,14 +26,19 @@ from lycoris.utils import str_bool
 from rich.console import Console
 from safetensors import safe_open
 from safetensors.torch import load_file
-from sd15_naming import a1111_target, comfyui_accepts_text_encoder_key
+from sd15_naming import a1111_target, comfyui_accepts_text_encoder_key, reference_layers
 from torch.overrides import TorchFunctionMode
 
 from meebs.cli import main
 from meebs.errors import MeebsError, RecipeError
 from meebs.models.builtin_models import build_tiny
-from meebs.network.build import NetworkSpec, build_network, load_network_weights
+from meebs.network.algo_tensors import modules_of
+from meebs.network.build import NetworkSpec, build_network
+from meebs.network.load_file import load_network_file
+from meebs.network.load_weights import load_network_weights
 from meebs.network.loha_layer import layer_paths
+from meebs.network.lokr_file import lokr_module
+from meebs.network.save import save_network
 from meebs.recipe.loading import load_recipe
 from meebs.use.generate import Request, generate
 
@@ -41,7 +46,6 @@ pytestmark = pytest.mark.slow  # trains
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = "recipes/demo.yaml"
-REFERENCE = Path(__file__).parent / "reference_sd15"
 
 # name -> recipe network keys; the spec each gives is `spec_of(name)`.
 CASES = {
@@ -276,15 +280,6 @@ class _MetaStaysMeta(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def _reference(file_name: str) -> dict[str, tuple[int, ...]]:
-    layers = {}
-    for line in (REFERENCE / file_name).read_text().splitlines():
-        if line and not line.startswith("#"):
-            name, shape = line.split()
-            layers[name.replace(".", "_")] = tuple(int(size) for size in shape.split("x"))
-    return layers
-
-
 @pytest.fixture(scope="module")
 def sd15_meta():
     """A function: a fresh SD 1.5 UNet and text encoder on the meta device (no data)."""
@@ -337,8 +332,8 @@ def test_every_key_lands_on_an_sd15_layer_of_its_shape(name, sd15_meta):
     with _MetaStaysMeta():
         network = build_network(unet, text_encoder, SD15_CASES[name])
         state = {key: tuple(value.shape) for key, value in network.state_dict().items()}
-    layers = {**_reference("sd15_ldm_unet_weights.txt")}
-    layers.update(_reference("sd15_text_encoder_linear_weights.txt"))
+    layers = {**reference_layers("sd15_ldm_unet_weights.txt")}
+    layers.update(reference_layers("sd15_text_encoder_linear_weights.txt"))
     modules: dict[str, dict[str, tuple[int, ...]]] = {}
     for key, shape in state.items():
         module, _, suffix = key.partition(".")
@@ -370,6 +365,24 @@ def test_every_key_lands_on_an_sd15_layer_of_its_shape(name, sd15_meta):
         assert on_input == {m for m in modules if m.endswith(("_ff_net_2", "_mlp_fc2"))}
     else:
         assert (unet_count, len(modules) - unet_count) == (282, 72)
+
+
+@pytest.mark.parametrize("name", ["lokr", "lokr-factor", "lokr-both", "lokr-tucker"])
+def test_each_lokr_module_is_built_again_from_its_own_tensors_on_sd15(name, sd15_meta):
+    """`load_network_file` builds LoKr modules itself: lycoris 4.1.3's loader fails on
+    the 1920-input 3x3 convolution of up_blocks.1 (default factor) and on every Tucker
+    3x3 convolution. Here each module of the SD 1.5 network is built again from its
+    tensors' shapes, as the loader does, and gets the same tensors and scale."""
+    spec = SD15_CASES.get(name) or NetworkSpec(algo="lokr", use_tucker=True)
+    unet, text_encoder = sd15_meta()
+    with _MetaStaysMeta():
+        network = build_network(unet, text_encoder, spec)
+        for lora in network.loras:
+            tensors = lora.state_dict()
+            again = lokr_module(lora.lora_name, lora.org_module[0], tensors, 1.0)
+            shapes = {key: value.shape for key, value in again.state_dict().items()}
+            assert shapes == {key: value.shape for key, value in tensors.items()}
+            assert again.scale == lora.scale, lora.lora_name
 
 
 # ---------------------------------------------------------------- (c) resume
@@ -434,6 +447,43 @@ def test_network_weights_loads_the_file_into_a_new_network(name, trained):
         else:
             assert torch.equal(state[key].to(tensor.dtype), tensor), key
     network.restore()
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [
+        {"dim": 2, "conv_dim": 2},
+        {"dim": 2, "factor": 4},
+        {"dim": 2, "conv_dim": 2, "factor": 8},
+        {"dim": 2, "factor": 16},
+        {"dim": 2, "conv_dim": 2, "decompose_both": True},
+        {"dim": 2, "conv_dim": 2, "factor": 4, "decompose_both": True, "dora_wd": True},
+        {"dim": 2, "conv_dim": 2, "use_tucker": True},
+    ],
+    ids=str,
+)
+def test_a_lokr_file_loads_for_generate_as_it_was_trained(keys, tmp_path):
+    """lycoris 4.1.3's loader guesses a LoKr module's factor from its shapes and fails
+    on the tiny base's 4-channel convolutions at conv dim 2 and on every layer at factor
+    16 (`meebs.network.lokr_file`); the file must draw what the trained network draws."""
+    unet, text_encoder = _tiny_parts()
+    torch.manual_seed(0)
+    network = build_network(unet, text_encoder, NetworkSpec(algo="lokr", **keys))
+    with torch.no_grad():
+        for parameter in network.parameters():
+            parameter.normal_(0, 0.1)
+    inputs = (torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 6, 32))
+    with torch.no_grad():
+        trained = unet(*inputs).sample
+    save_network(network, tmp_path / "lokr.safetensors", {}, torch.float32)
+    network.restore()
+    loaded = load_network_file(tmp_path / "lokr.safetensors", unet, text_encoder)
+    assert len(loaded.loras) == len(network.loras)
+    with torch.no_grad():
+        torch.testing.assert_close(unet(*inputs).sample, trained)
+    kept = {key: tuple(value.shape) for key, value in loaded.state_dict().items()}
+    assert modules_of(kept).keys() == modules_of(network.state_dict()).keys()
+    loaded.restore()
 
 
 def test_a_file_of_another_algorithm_does_not_fit(trained):

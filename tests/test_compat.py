@@ -15,9 +15,10 @@ import pytest
 import torch
 from sd15_naming import a1111_target, comfyui_accepts_text_encoder_key
 
-from meebs.network.build import NetworkSpec, build_network, save_network
+from meebs.network.build import NetworkSpec, build_network
 from meebs.network.deltas import module_delta
 from meebs.network.kohya_names import kohya_layers
+from meebs.network.save import save_network
 from meebs.use.merge import read_network
 
 pytestmark = pytest.mark.slow

@@ -28,13 +28,9 @@ from safetensors.torch import load_file, save_file
 from meebs.cli import main
 from meebs.errors import MeebsError
 from meebs.models.builtin_models import build_tiny
-from meebs.network.build import (
-    NetworkSpec,
-    build_network,
-    load_network_weights,
-    network_state_dict,
-    save_network,
-)
+from meebs.network.build import NetworkSpec, build_network
+from meebs.network.load_weights import load_network_weights
+from meebs.network.save import network_state_dict, save_network
 from meebs.use.inspect import inspect_file
 
 REPO = Path(__file__).resolve().parent.parent

@@ -13,7 +13,8 @@ from safetensors.torch import save_file
 from meebs.cli import main
 from meebs.errors import MeebsError
 from meebs.models.builtin_models import build_tiny
-from meebs.network.build import NetworkSpec, build_network, count_modules, save_network
+from meebs.network.build import NetworkSpec, build_network, count_modules
+from meebs.network.save import save_network
 from meebs.use.inspect import describe
 
 

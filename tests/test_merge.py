@@ -8,7 +8,6 @@ convs, in both the UNet and the text encoder.
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import re
 import subprocess
@@ -30,8 +29,10 @@ from meebs.models.builtin_models import build_sd15_random, build_tiny
 from meebs.models.loading import load_base_model
 from meebs.models.sampling import SamplePrompt, generate_samples
 from meebs.models.single_file import TensorReader, open_single_file, parts_from_ldm
-from meebs.network.build import NetworkSpec, build_network, load_network_file, save_network
+from meebs.network.build import NetworkSpec, build_network
 from meebs.network.deltas import module_delta
+from meebs.network.load_file import load_network_file
+from meebs.network.save import save_network
 from meebs.use.merge import (
     merge,
     merge_into,
@@ -449,14 +450,19 @@ def reference_weights(file: str, prefix: str) -> dict[str, tuple[int, ...]]:
     }
 
 
-@pytest.mark.slow
-def test_sd15_single_file_has_the_real_key_layout_and_loads_back_pinned(tmp_path):
-    """Full SD 1.5 architecture: merge (no network) -> file -> `load_base_model(path, pin)`.
-
-    50-100 s on two shared cores: two 860M-parameter builds, a 2.1 GB fp16 write, its sha256.
-    """
-    into = tmp_path / "sd15.safetensors"
+@pytest.fixture(scope="module")
+def sd15_single_file(tmp_path_factory) -> tuple[BaseModel, Path, str]:
+    """(the random SD 1.5, the 2.1 GB fp16 single file `merge` writes of it with no
+    network, its sha256): made once for the two full-size tests, ~40 s on two cores."""
+    into = tmp_path_factory.mktemp("sd15") / "sd15.safetensors"
     digest = merge([], into, builtin="sd15-random", model_path=None, sha256=None)
+    return build_sd15_random(), into, digest
+
+
+@pytest.mark.slow
+def test_sd15_single_file_has_the_real_key_layout_and_loads_back_pinned(sd15_single_file):
+    """Full SD 1.5 architecture: merge (no network) -> file -> `load_base_model(path, pin)`."""
+    model, into, digest = sd15_single_file
     with safe_open(into, framework="pt") as handle:
         shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
     unet_weights = {
@@ -474,7 +480,7 @@ def test_sd15_single_file_has_the_real_key_layout_and_loads_back_pinned(tmp_path
     assert not any(key.startswith("model_ema.") for key in shapes)
     loaded = load_base_model(builtin=None, path=into, sha256=digest, allow_pickle=False)
     assert loaded.sha256 == digest
-    assert_same_weights(loaded, build_sd15_random(), torch.float16)
+    assert_same_weights(loaded, model, torch.float16)
 
 
 # The streamed single-file merge (a single .safetensors base -> a single file) against the
@@ -701,20 +707,15 @@ ENTRYPOINT = Path(__file__).parents[1] / "entrypoint.py"
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_sd15_single_file_merge_streams_within_twice_the_output_size(tmp_path):
+def test_sd15_single_file_merge_streams_within_twice_the_output_size(tmp_path, sd15_single_file):
     """One LoHA into the 2.1 GB fp16 SD 1.5 single file: peak RSS <= 2 x the output file.
 
     The in-memory merge peaked at 10.5 GiB on this (docs/networks.md); streamed, the
-    process holds its imports, the network and a few tensors (1.4 GiB). 3 minutes on
-    two shared cores: 40 s to build the random SD 1.5 model and write its file, the
-    rest the merge, mostly the LoHA deltas and the NaN/inf checks.
+    process holds its imports, the network and a few tensors (1.4 GiB). The merge takes
+    about a minute on two cores, mostly the LoHA deltas and the NaN/inf checks.
     """
-    model = build_sd15_random()
-    base = tmp_path / "sd15.safetensors"
-    save_ldm_file(model, base, torch.float16)
+    model, base, _ = sd15_single_file
     network_file = trained_network(tmp_path, SPECS["loha"], "loha", model=model, std=0.05)
-    del model
-    gc.collect()
     into = tmp_path / "merged.safetensors"
     argv = [sys.executable, str(ENTRYPOINT), "merge", f"{network_file}:0.8", "--model", str(base)]
     result = subprocess.run(

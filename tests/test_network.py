@@ -31,12 +31,11 @@ from meebs.network.build import (
     apply_sd15_preset,
     build_network,
     count_modules,
-    load_network_file,
-    load_network_weights,
     lycoris_text_encoder,
-    network_state_dict,
-    save_network,
 )
+from meebs.network.load_file import load_network_file
+from meebs.network.load_weights import load_network_weights
+from meebs.network.save import network_state_dict, save_network
 
 # REFERENCE.md section 11.
 TINY_UNET_CONFIG = {

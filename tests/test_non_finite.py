@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from meebs.cli import main
 from meebs.errors import TrainingDiverged
 from meebs.models.builtin_models import build_tiny
-from meebs.network.build import NetworkSpec, build_network, save_network
+from meebs.network.build import NetworkSpec, build_network
+from meebs.network.save import save_network
 
 pytestmark = pytest.mark.slow  # trains, or starts processes: `make test-fast` skips it
 

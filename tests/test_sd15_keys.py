@@ -13,19 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from sd15_naming import a1111_target, comfyui_accepts_text_encoder_key
+from sd15_naming import a1111_target, comfyui_accepts_text_encoder_key, reference_layers
 
-from meebs.network.build import (
-    NetworkSpec,
-    build_network,
-    count_modules,
-    network_state_dict,
-    save_network,
-)
+from meebs.network.build import NetworkSpec, build_network, count_modules
+from meebs.network.save import network_state_dict, save_network
 
 pytestmark = pytest.mark.slow
 
-REFERENCE = Path(__file__).parent / "reference_sd15"
 VERSION_1_3 = NetworkSpec(algo="loha", dim=4, alpha=1.0, conv_dim=4, conv_alpha=1.0)
 # Measured with lycoris-lora 4.1.3 (REFERENCE.md section 4).
 REFERENCE_FILE_BYTES = 19_820_348
@@ -54,16 +48,6 @@ def loha(sd15_random_parts, tmp_path_factory) -> BuiltLoha:
     )
     network.restore()  # the parts are shared by the whole session
     return built
-
-
-def reference_layers(file_name: str) -> dict[str, tuple[int, ...]]:
-    """Flattened layer name ("." -> "_", as the loaders match them) -> weight shape."""
-    layers = {}
-    for line in (REFERENCE / file_name).read_text().splitlines():
-        if line and not line.startswith("#"):
-            name, shape = line.split()
-            layers[name.replace(".", "_")] = tuple(int(size) for size in shape.split("x"))
-    return layers
 
 
 def module_keys(state: dict[str, torch.Tensor], prefix: str) -> list[str]:

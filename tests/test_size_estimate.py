@@ -18,7 +18,8 @@ from rich.console import Console
 
 from meebs.errors import RecipeError
 from meebs.models.builtin_models import build_tiny
-from meebs.network.build import build_network, save_network
+from meebs.network.build import build_network
+from meebs.network.save import save_network
 from meebs.plan.metadata import build_metadata, network_spec
 from meebs.plan.report import print_plan
 from meebs.plan.sizes import (

@@ -18,7 +18,8 @@ from meebs.data import latents as latent_io
 from meebs.data.images import load_image
 from meebs.files.safetensors_io import file_sha256
 from meebs.models.builtin_models import build_tiny
-from meebs.network.build import build_network, load_network_weights
+from meebs.network.build import build_network
+from meebs.network.load_weights import load_network_weights
 from meebs.plan.metadata import network_spec
 from meebs.plan.sizes import plan_file_sizes
 from meebs.plan.steps import make_plan, scan_data

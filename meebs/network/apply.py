@@ -1,7 +1,7 @@
 """Put saved networks on a base model for generation, each with its own multipliers.
 
 Several networks may be applied at once (A1111 stacks them): each is loaded with
-lycoris' kohya loader (`meebs.network.build.load_network_file`), which hooks the model's
+lycoris' kohya loader (`meebs.network.load_file.load_network_file`), which hooks the model's
 forwards and computes `W·x + multiplier·ΔW·x`, so a multiplier of 0 gives exactly the
 base model's output. Text-encoder and UNet modules get separate multipliers, as
 A1111's `<lora:NAME:TE:UNET>` asks. No weights are merged (lycoris' `merge_to` scales
@@ -21,16 +21,17 @@ from torch import nn
 from meebs.errors import MeebsError
 from meebs.files.safetensors_io import shown
 from meebs.models.base import BaseModel
-from meebs.network.build import load_network_file, lycoris_text_encoder
-from meebs.network.network_file import (
+from meebs.network.algo_tensors import (
     ALGO_MARKERS,
     TE_PREFIX,
     UNET_PREFIX,
     change_text,
     misfit,
     modules_of,
-    read_network_header,
 )
+from meebs.network.build import lycoris_text_encoder
+from meebs.network.load_file import load_network_file
+from meebs.network.network_file import read_network_header
 
 
 def read_shapes(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:

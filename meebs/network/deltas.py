@@ -50,12 +50,12 @@ import torch
 from torch import Tensor
 
 from meebs.errors import MeebsError
-from meebs.network.network_file import (
+from meebs.network.algo_problems import module_problem
+from meebs.network.algo_tensors import (
     GLORA_FACTORS,
     dora_on_output,
     misfit,
     module_algo,
-    module_problem,
     module_rank,
     needs_base,
     shape_text,

@@ -175,7 +175,7 @@ def empty_model(recipe: Recipe) -> EmptyModel:
 def safetensors_size(
     shapes: dict[str, tuple[int, ...]], precision: str, metadata: dict[str, str]
 ) -> SizeEstimate:
-    """The size of the file `meebs.network.build.save_network` writes for these tensors.
+    """The size of the file `meebs.network.save.save_network` writes for these tensors.
 
     safetensors stores tensors of one dtype back to back, ordered by name, with no
     padding; `save_network` adds `sshs_model_hash` to the metadata.

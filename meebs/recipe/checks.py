@@ -224,18 +224,7 @@ def _check_combinations(recipe: Recipe, where: str, overridden: set[str]) -> Non
         fail("train.unet_lr", "both unet_lr and text_encoder_lr are 0: nothing would be trained")
     if recipe.network.conv_dim == 0 and recipe.network.use_tucker:
         fail("network.use_tucker", "Tucker applies to 3x3 convs, but network.conv_dim is 0")
-    net = recipe.network
-    problem = option_problem(
-        net.algo,
-        dora_wd=net.dora_wd,
-        use_tucker=net.use_tucker,
-        use_scalar=net.use_scalar,
-        factor=net.factor,
-        decompose_both=net.decompose_both,
-        full_matrix=net.full_matrix,
-        constraint=net.constraint,
-        rescaled=net.rescaled,
-    )
+    problem = option_problem(recipe.network)
     if problem:
         fail(*problem)
     if recipe.sample.every_n_epochs and not (recipe.sample.prompts or recipe.sample.prompt_file):

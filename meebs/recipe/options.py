@@ -8,26 +8,36 @@ checks (meebs.recipe.checks) and `NetworkSpec` (meebs.network.build) share these
 
 from __future__ import annotations
 
+from typing import Protocol
+
+
+class NetworkOptions(Protocol):
+    """The network settings of a recipe (`NetworkSection`) or of a build (`NetworkSpec`)."""
+
+    algo: str
+    dora_wd: bool
+    use_tucker: bool
+    use_scalar: bool
+    factor: int
+    decompose_both: bool
+    full_matrix: bool
+    constraint: float
+    rescaled: bool
+
+
 DORA_ALGOS = ("lora", "locon", "loha", "lokr")
 TUCKER_ALGOS = ("lora", "locon", "loha", "lokr")  # GLoRA's Tucker branch cannot be reached
 SCALAR_ALGOS = ("lora", "locon", "loha", "lokr", "glora")
 DROPOUT_ALGOS = ("lora", "locon")  # LoHA, LoKr and the rest ignore `dropout`
 
 
-def option_problem(
-    algo: str,
-    *,
-    dora_wd: bool = False,
-    use_tucker: bool = False,
-    use_scalar: bool = False,
-    factor: int = -1,
-    decompose_both: bool = False,
-    full_matrix: bool = False,
-    constraint: float = 0.0,
-    rescaled: bool = False,
-) -> tuple[str, str] | None:
-    """(recipe key, what is wrong and how to fix it) for the first option `algo` does not
-    implement or that cannot be combined; None if all is well."""
+def option_problem(network: NetworkOptions) -> tuple[str, str] | None:
+    """(recipe key, what is wrong and how to fix it) for the first option the network's
+    algo does not implement or that cannot be combined; None if all is well."""
+    algo, factor, constraint = network.algo, network.factor, network.constraint
+    dora_wd, use_tucker, use_scalar = network.dora_wd, network.use_tucker, network.use_scalar
+    decompose_both, full_matrix = network.decompose_both, network.full_matrix
+    rescaled = network.rescaled
     if factor == 0 or factor < -1:
         return "network.factor", (
             f"{factor}: give -1 (as balanced as the shape allows) or a Kronecker factor >= 1"

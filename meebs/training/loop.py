@@ -26,14 +26,8 @@ from meebs.errors import TrainingDiverged
 from meebs.files.atomic_write import make_folder, write_atomic, write_text_atomic
 from meebs.files.hash_cache import cached_sha256
 from meebs.models.sampling import generate_samples, sample_file_name
-from meebs.network.build import (
-    SAVE_DTYPES,
-    load_train_state,
-    network_state_dict,
-    refuse_non_finite,
-    save_network,
-    train_state,
-)
+from meebs.network.resume_tensors import load_train_state, train_state
+from meebs.network.save import SAVE_DTYPES, network_state_dict, refuse_non_finite, save_network
 from meebs.plan.metadata import RECOMMENDED_EPOCH_KEY, build_metadata
 from meebs.runs.manifest import (
     MANIFEST_NAME,

@@ -27,7 +27,8 @@ from meebs.models.base import describe_base
 from meebs.models.loading import load_base_model
 from meebs.models.machine import make_accelerator, place_models, set_attention
 from meebs.models.sampling import recipe_prompts
-from meebs.network.build import count_modules, load_network_weights
+from meebs.network.build import count_modules
+from meebs.network.load_weights import load_network_weights
 from meebs.network.loha_layer import use_layer_path
 from meebs.network.optim import build_lr_scheduler, build_optimizer, param_groups
 from meebs.plan.metadata import RunFacts, recipe_network

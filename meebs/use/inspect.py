@@ -25,16 +25,15 @@ from rich.table import Table
 from rich.text import Text
 from safetensors import safe_open
 
-from meebs.network.network_file import (
+from meebs.network.algo_tensors import (
     TE_PREFIX,
     UNET_PREFIX,
     Shape,
-    check_values,
     module_algo,
     module_rank,
     modules_of,
-    read_network_header,
 )
+from meebs.network.network_file import check_values, read_network_header
 
 # Characters of a metadata value shown in a cell; the rest is counted, not printed.
 CELL_LIMIT = 200

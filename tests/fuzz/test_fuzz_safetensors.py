@@ -55,7 +55,8 @@ from meebs.files.safetensors_io import DTYPE_BITS, addnet_hash, read_metadata
 from meebs.models import single_file
 from meebs.models.builtin_models import build_tiny
 from meebs.network.apply import apply_network, remove_network
-from meebs.network.build import NetworkSpec, build_network, load_network_weights
+from meebs.network.build import NetworkSpec, build_network
+from meebs.network.load_weights import load_network_weights
 from meebs.network.network_file import check_values, read_network_header
 from meebs.use import generate
 from meebs.use.inspect import describe
