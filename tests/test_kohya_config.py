@@ -102,14 +102,6 @@ def test_old_string_values(tmp_path):
     assert recipe.train.attention == "xformers"  # "True"
 
 
-@pytest.mark.parametrize("config", FIXTURES, ids=lambda p: p.stem)
-def test_round_trip(tmp_path, config):
-    first = imported(tmp_path, config)
-    exported = tmp_path / "exported.json"
-    exported.write_text(export_kohya(tmp_path / "imported.yaml").text, encoding="utf-8")
-    assert imported(tmp_path, exported, "again.yaml") == first
-
-
 def test_export_writes_gui_types_and_names_the_rest(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text(import_kohya(CONFIGS / "loha.json").text, encoding="utf-8")
@@ -427,3 +419,25 @@ def test_adafactor_scheduler_is_constant(tmp_path):
     assert (train.optimizer, train.lr_scheduler, train.lr_warmup) == ("Adafactor", "constant", 0)
     assert train.optimizer_args["relative_step"] is True
     assert any("lr_scheduler adafactor became constant" in note for note in result.notes)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [*FIXTURES, *(REAL / f"{name}.json" for name, why in REAL_OUTCOMES.items() if why is None)],
+    ids=lambda p: p.stem,
+)
+def test_round_trip(tmp_path, config):
+    first = imported(tmp_path, config)
+    (tmp_path / "filled.yaml").write_text(first.to_yaml(), encoding="utf-8")  # presets filled in
+    exported = tmp_path / "exported.json"
+    exported.write_text(export_kohya(tmp_path / "filled.yaml").text, encoding="utf-8")
+    assert imported(tmp_path, exported, "again.yaml") == first
+
+
+def test_export_says_how_kohya_trains_the_same_dora(tmp_path):
+    path = tmp_path / "r.yaml"
+    demo = Path(__file__).resolve().parent.parent / "recipes" / "demo.yaml"
+    path.write_text(f"extends: {demo}\nnetwork:\n  dora_wd: true\n", encoding="utf-8")
+    result = export_kohya(path)
+    assert json.loads(result.text)["dora_wd"] is True
+    assert any("wd_on_output=False" in note for note in result.notes)

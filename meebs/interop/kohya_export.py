@@ -40,6 +40,12 @@ def export_kohya(path: Path) -> Converted:
         )
     if recipe.sample.sampler not in _KOHYA_SAMPLERS:
         notes.append(f"sample.sampler {recipe.sample.sampler}: kohya_ss has no such sampler")
+    if recipe.network.dora_wd:
+        notes.append(
+            "network.dora_wd: kohya_ss trains DoRA with lycoris' default magnitude per output "
+            "row, meebs per input column (the axis AUTOMATIC1111 applies): the same "
+            "training needs wd_on_output=False among sd-scripts' --network_args"
+        )
     if recipe.train.seed == 0:
         notes.append("train.seed 0: kohya_ss reads seed 0 as 'random'; pick another seed")
     flat = {key: json.dumps(recipe_value(recipe, key)) for key, *_ in documented_keys()}
@@ -57,6 +63,12 @@ def recipe_value(recipe: Recipe, key: str) -> Any:
 EXPORTS: dict[str, tuple[str, Callable[[Recipe], Any]]] = {
     "pretrained_model_name_or_path": ("model.path", lambda r: r.model.path or ""),
     "use_tucker": ("network.use_tucker", lambda r: r.network.use_tucker),
+    "dora_wd": ("network.dora_wd", lambda r: r.network.dora_wd),
+    "use_scalar": ("network.use_scalar", lambda r: r.network.use_scalar),
+    "factor": ("network.factor", lambda r: r.network.factor),
+    "decompose_both": ("network.decompose_both", lambda r: r.network.decompose_both),
+    "constrain": ("network.constraint", lambda r: r.network.constraint),
+    "rescaled": ("network.rescaled", lambda r: r.network.rescaled),
     "epoch": ("train.epochs", lambda r: r.train.epochs),
     "seed": ("train.seed", lambda r: r.train.seed),
     "unet_lr": ("train.unet_lr", lambda r: _explicit_lr(r, r.unet_lr)),
@@ -93,6 +105,9 @@ _EXPORT_FIXED = {
     "noise_offset_type": "Original",
     "save_model_as": "safetensors",
 }
+# The LoKr dim kohya_ss presets give for whole Kronecker factors (lycoris trains a factor
+# as a full matrix where the dim is at least half its larger side).
+LOKR_FULL_MATRIX_DIM = 100000
 _KOHYA_PRECISION = {ours: theirs for theirs, ours in SAVE_PRECISIONS.items()}
 # A1111 name -> kohya's first alias for it (euler_a, not k_euler_a).
 _KOHYA_SAMPLERS = {canonical: alias for alias, canonical in reversed(SAMPLER_ALIASES.items())}
@@ -121,4 +136,7 @@ def _export(recipe: Recipe) -> tuple[dict[str, Any], set[str]]:
     else:
         config["LoRA_type"] = {algo: name for name, algo in LORA_TYPES.items()}[net.algo]
         config["conv_dim"], config["conv_alpha"] = net.conv_dim, net.conv_alpha
+    if net.full_matrix:  # the GUI has no such key: a dim this large is lycoris' full matrix
+        config["network_dim"] = config["conv_dim"] = LOKR_FULL_MATRIX_DIM
+        used.add("network.full_matrix")
     return dict(sorted(config.items())), used
