@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 
 from meebs import __version__
@@ -39,22 +39,11 @@ def source_date_epoch() -> str | None:
 
 
 def network_spec(recipe: Recipe) -> NetworkSpec:
-    net = recipe.network
-    return NetworkSpec(
-        algo=net.algo,
-        dim=net.dim,
-        alpha=net.alpha,
-        conv_dim=net.conv_dim,
-        conv_alpha=net.conv_alpha,
-        use_tucker=net.use_tucker,
-        dora_wd=net.dora_wd,
-        factor=net.factor,
-        decompose_both=net.decompose_both,
-        full_matrix=net.full_matrix,
-        use_scalar=net.use_scalar,
-        constraint=net.constraint,
-        rescaled=net.rescaled,
-    )
+    """The recipe's network section as the build's NetworkSpec: every key they share has
+    the same name (`weights` is the trainer's, `dropout` the build's alone)."""
+    shared = {field.name for field in fields(NetworkSpec)}
+    values = asdict(recipe.network)
+    return NetworkSpec(**{name: value for name, value in values.items() if name in shared})
 
 
 def recipe_network(recipe: Recipe, unet, text_encoder) -> LycorisNetworkKohya:
