@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from random_networks import random_network
 from rich.console import Console
 from safetensors.torch import load_file, save_file
 
@@ -239,12 +240,7 @@ def files(tmp_path_factory) -> Files:
 
 def trained(folder: Path, spec: NetworkSpec) -> dict[str, torch.Tensor]:
     """A tiny network as after training (every factor random), saved and read back."""
-    base = build_tiny()
-    torch.manual_seed(1)
-    network = build_network(base.unet, base.text_encoder, spec)
-    with torch.no_grad():
-        for parameter in network.parameters():
-            parameter.normal_(0.0, 0.3)
+    network = random_network(spec)
     path = folder / f"source-{spec.algo}.safetensors"
     save_network(network, path, {}, torch.float16)
     return load_file(path)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from random_networks import random_network
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -29,7 +30,7 @@ from meebs.models.builtin_models import build_sd15_random, build_tiny
 from meebs.models.loading import load_base_model
 from meebs.models.sampling import SamplePrompt, generate_samples
 from meebs.models.single_file import TensorReader, open_single_file, parts_from_ldm
-from meebs.network.build import NetworkSpec, build_network
+from meebs.network.build import NetworkSpec
 from meebs.network.deltas import module_delta
 from meebs.network.load_file import load_network_file
 from meebs.network.save import save_network
@@ -70,12 +71,7 @@ def eager_lycoris(monkeypatch):
 
 def trained_network(tmp_path, spec: NetworkSpec, name: str = "net", model=None, std=0.3):
     """A network file whose every factor is random, as after training (init has w2_a = 0)."""
-    model = model or build_tiny()
-    torch.manual_seed(1)
-    network = build_network(model.unet, model.text_encoder, spec)
-    with torch.no_grad():
-        for parameter in network.parameters():
-            parameter.normal_(0.0, std)
+    network = random_network(spec, model, std=std)
     file = tmp_path / f"{name}.safetensors"
     save_network(network, file, {}, torch.float32)
     network.restore()

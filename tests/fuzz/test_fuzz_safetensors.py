@@ -47,6 +47,7 @@ import pytest
 import torch
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
+from random_networks import random_network
 from safetensors.torch import save
 
 from fuzz.one_line import result_or_one_line
@@ -138,12 +139,7 @@ def network_seeds() -> list[tuple[dict[str, dict], dict[str, str]]]:
     every factor random (as after training), in fp16 like the trainer saves them."""
     seeds = []
     for spec in SEED_SPECS.values():
-        base = build_tiny()
-        torch.manual_seed(0)
-        network = build_network(base.unet, base.text_encoder, spec)
-        with torch.no_grad():
-            for parameter in network.parameters():
-                parameter.normal_(0.0, 0.3)
+        network = random_network(spec, seed=0)
         state = {
             key: value.detach().half().contiguous()
             for key, value in network.state_dict().items()
